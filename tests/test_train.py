@@ -1,0 +1,166 @@
+"""The training engine: parallel modes agree, resume is exact, NaN stops the run."""
+import json
+import os
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jreg import metrics as metrics_lib
+from jreg import train
+
+GLOBAL_BATCH = 8
+
+
+class CountingIterator:
+  """Deterministic batches of a fixed regression problem, with a position.
+
+  Raises `RuntimeError` before batch `crash_at` to simulate a killed run.
+  """
+
+  def __init__(self, crash_at=None, poison_at=None):
+    self.position = 0
+    self.crash_at = crash_at
+    self.poison_at = poison_at
+
+  def __next__(self):
+    if self.crash_at is not None and self.position == self.crash_at:
+      raise RuntimeError('simulated crash')
+    rng = np.random.default_rng(self.position)
+    x = rng.normal(size=(GLOBAL_BATCH, 3)).astype(np.float32)
+    y = (x @ np.array([[1.0], [-2.0], [0.5]], np.float32)
+         + 0.1 * rng.normal(size=(GLOBAL_BATCH, 1))).astype(np.float32)
+    if self.poison_at is not None and self.position == self.poison_at:
+      x[0, 0] = np.nan
+    self.position += 1
+    return {'x': x, 'y': y}
+
+  def get_state(self):
+    return {'position': self.position}
+
+  def set_state(self, state):
+    self.position = state['position']
+
+
+def _forward(x, is_training=True):
+  del is_training
+  h = hk.Linear(4)(x)
+  h = hk.BatchNorm(True, True, 0.9)(h, is_training=True)
+  return hk.Linear(1)(jax.nn.relu(h))
+
+
+_model = hk.transform_with_state(_forward)
+
+
+def init_fn(rng):
+  return _model.init(rng, jnp.zeros((GLOBAL_BATCH, 3)))
+
+
+def loss_fn(params, model_state, rng, batch):
+  pred, model_state = _model.apply(params, model_state, rng, batch['x'])
+  loss = jnp.mean((pred - batch['y']) ** 2)
+  return loss, (model_state, {'mse': loss})
+
+
+def _linear_init(rng):
+  return hk.transform(lambda x: hk.Linear(1)(x)).init(rng, jnp.zeros((1, 3))), {}
+
+
+def _linear_loss(params, model_state, rng, batch):
+  pred = hk.transform(lambda x: hk.Linear(1)(x)).apply(params, rng, batch['x'])
+  loss = jnp.mean((pred - batch['y']) ** 2)
+  return loss, (model_state, {})
+
+
+def _fit(workdir, parallel='single', num_steps=6, iterator=None, **kwargs):
+  kwargs.setdefault('checkpoint_every', 3)
+  return train.fit(
+      workdir=str(workdir), init_fn=_linear_init,
+      grad_fn=train.value_and_grad(_linear_loss),
+      optimizer=optax.adam(1e-2), train_iter=iterator or CountingIterator(),
+      num_steps=num_steps, parallel=parallel, log_every=2,
+      tensorboard=False, **kwargs)
+
+
+@pytest.mark.parametrize('parallel', ['sharded', 'pmap'])
+def test_parallel_modes_match_single_device(tmp_path, parallel):
+  assert jax.device_count() == 4
+  reference, _ = _fit(tmp_path / 'single', 'single')
+  state, history = _fit(tmp_path / parallel, parallel)
+  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(chex_close, state.params, reference.params)
+  jax.tree.map(chex_close, state.opt_state, reference.opt_state)
+  assert int(state.step) == 6
+  assert [r['step'] for r in history if r['split'] == 'train'] == [2, 4, 6]
+
+
+def test_parallel_modes_average_batch_statistics():
+  """Under pmap the BatchNorm statistics are averaged over devices."""
+  par = train.Parallel('pmap')
+  optimizer = optax.sgd(0.1)
+  state = train.init_state(init_fn, optimizer, seed=0)
+  update = par.compile(train.make_update(train.value_and_grad(loss_fn), optimizer,
+                                         par.axis_name))
+  batch = next(CountingIterator())
+  new_state, metrics = update(par.put_state(state), par.put_batch(batch))
+  new_state = par.get(new_state)
+  stats = jax.tree.leaves(new_state.model_state)
+  assert stats and all(np.all(np.isfinite(s)) for s in stats)
+  assert float(par.get(metrics)['loss']) > 0
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
+  uninterrupted, _ = _fit(tmp_path / 'a', num_steps=8)
+  with pytest.raises(RuntimeError, match='simulated crash'):
+    _fit(tmp_path / 'b', num_steps=8, iterator=CountingIterator(crash_at=5))
+  # The checkpoint of step 3 is there; the restart reads it and its data position.
+  resumed, history = _fit(tmp_path / 'b', num_steps=8)
+  assert int(resumed.step) == 8
+  assert history[0]['step'] > 3
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, uninterrupted.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.rng, uninterrupted.rng)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  with pytest.raises(train.NonFiniteLossError, match='step 5 produced a non-finite'):
+    _fit(tmp_path, num_steps=8, iterator=CountingIterator(poison_at=4))
+  steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert steps == [3]
+  restored, position = train.checkpoint_lib.Checkpointer(str(tmp_path)).restore(
+      train.init_state(_linear_init, optax.adam(1e-2), 0))
+  assert position == {'position': 3}
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))
+
+
+def test_metrics_jsonl_and_eval(tmp_path):
+  evals = []
+
+  def eval_fn(params, model_state):
+    evals.append(1)
+    return {'w_sum': float(jnp.sum(params['linear']['w']))}
+
+  schedule = optax.cosine_decay_schedule(1e-2, 6)
+  train.fit(workdir=str(tmp_path), init_fn=_linear_init,
+            grad_fn=train.value_and_grad(_linear_loss),
+            optimizer=optax.adam(schedule), train_iter=CountingIterator(),
+            num_steps=6, log_every=3, eval_every=3, eval_fn=eval_fn,
+            learning_rate_fn=schedule, tensorboard=True)
+  records = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  train_records = [r for r in records if r['split'] == 'train']
+  assert [r['step'] for r in train_records] == [3, 6]
+  assert {'loss', 'grad_norm', 'param_norm', 'update_norm',
+          'learning_rate'} <= set(train_records[0])
+  assert train_records[1]['learning_rate'] < train_records[0]['learning_rate']
+  assert [r['step'] for r in records if r['split'] == 'eval'] == [3, 6]
+  assert os.listdir(tmp_path / 'tensorboard')
+  json.dumps(records)  # plain JSON values only
+
+
+def test_bad_parallel_mode_and_batch():
+  with pytest.raises(ValueError, match='is not one of'):
+    train.Parallel('model')
+  with pytest.raises(ValueError, match='cannot be split over 4 local devices'):
+    train.Parallel('pmap').put_batch({'x': np.zeros((6, 3))})
