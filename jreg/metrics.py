@@ -8,6 +8,7 @@ watching a run.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import math
 import os
 import time
@@ -15,6 +16,16 @@ from typing import Iterable, Mapping
 
 from absl import logging
 import numpy as np
+
+
+class _QuietOrbax(pylogging.Filter):
+  """Drops orbax's INFO chatter (one line per file written) from the console."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or 'orbax' not in record.pathname
+
+
+pylogging.getLogger('absl').addFilter(_QuietOrbax())
 
 
 def _to_python(value):

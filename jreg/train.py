@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jreg import checkpoint as checkpoint_lib
@@ -320,3 +321,37 @@ def _check_and_log(pending, par, writer, window, log_every, learning_rate_fn,
       record['learning_rate'] = learning_rate_fn(step - 1)
     writer.write(step, 'train', record)
     window.clear()
+
+
+def evaluate(per_example_fn: Callable[..., Mapping[str, jax.Array]],
+             params: hk.Params, model_state: hk.State, batches) -> dict[str, float]:
+  """Means of per-example metrics over one pass of an evaluation iterator.
+
+  Args:
+    per_example_fn: `(params, model_state, batch) -> {name: [B] array}`,
+      ideally jitted once by the caller.
+    params, model_state: the model to evaluate.
+    batches: an iterable of batches; a `'mask'` entry (bool [B], as in
+      `jreg.data` eval mode) marks the real examples of a padded batch.
+
+  Returns:
+    `{name: mean over the real examples}`, over all processes' slices.
+  """
+  totals, count = {}, 0.0
+  for batch in batches:
+    mask = np.asarray(batch.get('mask', np.ones(len(next(iter(batch.values()))))),
+                      np.float64)
+    inputs = {k: v for k, v in batch.items() if k != 'mask'}
+    values = jax.device_get(per_example_fn(params, model_state, inputs))
+    for name, value in values.items():
+      totals[name] = totals.get(name, 0.0) + float(np.sum(np.asarray(value) * mask))
+    count += float(mask.sum())
+  names = sorted(totals)
+  if jax.process_count() > 1:
+    # Each process evaluated its own slice of every batch: add them up.
+    sums = multihost_utils.process_allgather(
+        np.array([totals[n] for n in names] + [count], np.float64)).sum(0)
+    totals, count = dict(zip(names, sums[:-1])), sums[-1]
+  if not count:
+    raise ValueError('the evaluation iterator yielded no examples.')
+  return {name: float(totals[name] / count) for name in names}

@@ -75,6 +75,12 @@ def _linear_loss(params, model_state, rng, batch):
   return loss, (model_state, {})
 
 
+def per_example_mse(params, model_state, batch):
+  del model_state
+  pred = hk.transform(lambda x: hk.Linear(1)(x)).apply(params, None, batch['x'])
+  return {'mse': jnp.mean((pred - batch['y']) ** 2, axis=-1)}
+
+
 def _fit(workdir, parallel='single', num_steps=6, iterator=None, **kwargs):
   kwargs.setdefault('checkpoint_every', 3)
   return train.fit(
@@ -157,6 +163,19 @@ def test_metrics_jsonl_and_eval(tmp_path):
   assert [r['step'] for r in records if r['split'] == 'eval'] == [3, 6]
   assert os.listdir(tmp_path / 'tensorboard')
   json.dumps(records)  # plain JSON values only
+
+
+def test_evaluate_honours_the_padding_mask():
+  params, _ = _linear_init(jax.random.PRNGKey(0))
+  batch = next(CountingIterator())
+  full = train.evaluate(per_example_mse, params, {}, [batch])['mse']
+  first_half = {k: v[:4] for k, v in batch.items()}
+  padded = dict({k: np.concatenate([v[:4], v[:4]]) for k, v in batch.items()},
+                mask=np.arange(8) < 4)
+  np.testing.assert_allclose(
+      train.evaluate(per_example_mse, params, {}, [padded])['mse'],
+      train.evaluate(per_example_mse, params, {}, [first_half])['mse'], rtol=1e-6)
+  assert full > 0
 
 
 def test_bad_parallel_mode_and_batch():

@@ -9,7 +9,7 @@ Each dataset comes from one of two sources, chosen by `source`:
   TensorFlow (what a user with internet gets).
 """
 import pathlib
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -38,18 +38,20 @@ def check_source(source: str) -> None:
     raise ValueError(f'data source {source!r} is not one of {SOURCES}.')
 
 
-def dataset_dir(data_dir: Optional[str], subdir: str, marker: str,
+def dataset_dir(data_dir: Optional[str], subdirs: Sequence[str], marker: str,
                 how_to_get: Callable[[pathlib.Path], str]) -> pathlib.Path:
   """The folder that holds one dataset's distribution files.
 
-  Accepts either the root of a `shared/data`-style tree (the files are then in
-  `data_dir/subdir`) or the dataset's own folder (the files directly in it).
+  Accepts the root of a `shared/data`-style tree (the files are then in
+  `data_dir/<one of subdirs>`) or the dataset's own folder (files directly in
+  `data_dir`).
 
   Args:
     data_dir: root data directory, or None for `default_data_dir()`.
-    subdir: the dataset's folder under the root (e.g. 'mnist').
-    marker: a file or folder name (relative) that must exist in the dataset
-      folder; used to tell the two layouts apart.
+    subdirs: the dataset's possible folders under the root, first the one of
+      `shared/data` (e.g. ('mnist',)).
+    marker: a file or folder name that must exist in the dataset folder; used
+      to tell the layouts apart.
     how_to_get: folder -> the clause telling the user how to get the data
       into that folder.
 
@@ -57,21 +59,21 @@ def dataset_dir(data_dir: Optional[str], subdir: str, marker: str,
     The dataset folder.
 
   Raises:
-    DataError: neither layout holds `marker`.
+    DataError: no candidate folder holds `marker`.
   """
   if data_dir is None:
     data_dir = default_data_dir()
     if data_dir is None:
       raise DataError(
           f'no data directory was given and {SHARED_DATA_DIR} does not exist: '
-          f'{how_to_get(SHARED_DATA_DIR / subdir)}.')
+          f'{how_to_get(SHARED_DATA_DIR / subdirs[0])}.')
   root = pathlib.Path(data_dir).expanduser()
-  for candidate in (root / subdir, root):
+  for candidate in [root / subdir for subdir in subdirs] + [root]:
     if (candidate / marker).exists():
       return candidate
   raise DataError(
-      f'{root / subdir / marker} is missing (nor is it at {root / marker}): '
-      f'{how_to_get(root / subdir)}.')
+      f'{root / subdirs[0] / marker} is missing (nor is it in {root}): '
+      f'{how_to_get(root / subdirs[0])}.')
 
 
 def require_file(path: pathlib.Path, how_to_get: str) -> pathlib.Path:

@@ -98,7 +98,8 @@ def load_mnist(split: str = 'train', *, source: str = 'local',
     return {'image': arrays['image'].astype(np.uint8).reshape(-1, 28, 28, 1),
             'label': arrays['label'].astype(np.int32)}
   images_name, labels_name = _FILES[split]
-  directory = common.dataset_dir(data_dir, 'mnist', images_name, _how_to_get)
+  directory = common.dataset_dir(data_dir, ('mnist',), images_name,
+                                 _how_to_get)
   how = _how_to_get(directory)
   images = read_idx(directory / images_name, _IMAGES_MAGIC, 3, how)
   labels = read_idx(directory / labels_name, _LABELS_MAGIC, 1, how)
@@ -131,13 +132,24 @@ def mnist_iterator(split: str, global_batch_size: int, *, mode: str = 'train',
                    data_dir: Optional[str] = None,
                    process_index: Optional[int] = None,
                    process_count: Optional[int] = None,
-                   num_epochs: Optional[int] = None) -> iterator.ArrayIterator:
+                   num_epochs: Optional[int] = None,
+                   arrays: Optional[dict[str, np.ndarray]] = None,
+                   ) -> iterator.ArrayIterator:
   """MNIST batches `{'image': float32 [B,28,28,1], 'label': int32 [B]}`.
 
-  Args: as `load_mnist` and `iterator.ArrayIterator`.
+  Args:
+    split: 'train' or 'test'.
+    global_batch_size: examples per step over all processes.
+    mode: 'train' or 'eval' (see `iterator.ArrayIterator`).
+    seed: shuffling seed.
+    source, data_dir: as `load_mnist`.
+    process_index, process_count, num_epochs: as `iterator.ArrayIterator`.
+    arrays: already loaded `load_mnist(split)` output (skips reading).
   """
+  if arrays is None:
+    arrays = load_mnist(split, source=source, data_dir=data_dir)
   return iterator.ArrayIterator(
-      load_mnist(split, source=source, data_dir=data_dir), global_batch_size,
+      arrays, global_batch_size,
       mode=mode, seed=seed, transform=mnist_transform,
       process_index=process_index, process_count=process_count,
       num_epochs=num_epochs)

@@ -1,0 +1,85 @@
+"""The main job: every experiment that needs no download, at small scale.
+
+Runs each experiment's `run(quickstart_config(), WORKDIR/<name>)` in turn
+(minutes on 2 CPU cores) and writes `WORKDIR/summary.json` with each one's
+results; each experiment writes its own metrics and PNG figures under its
+folder. The offline data is read from `--data_dir` (default: `../shared/data`
+beside the repository); experiments that need no files always run.
+
+    python -m experiments.quickstart --workdir=runs/quickstart
+    python -m experiments.quickstart --workdir=runs/quickstart --only=synthetic_mlp
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from jreg import cli
+
+# (name, module, what it shows). Order: cheapest first.
+EXPERIMENTS = (
+    ('synthetic_mlp', 'experiments.synthetic_mlp',
+     'explicit-depth MLP baseline on the synthetic 1-D task'),
+)
+
+
+def run(workdir: str, only: tuple[str, ...] = (), data_dir: str | None = None,
+        config_overrides: dict | None = None) -> dict:
+  """Runs the quickstart experiments; returns `{name: results}`.
+
+  Args:
+    workdir: every experiment writes under `workdir/<name>`.
+    only: names to run (default: all).
+    data_dir: the offline datasets (None: the default location).
+    config_overrides: `{name: {key: value}}` applied over each quickstart config
+      (tests shrink the runs further with it).
+  """
+  known = [name for name, _, _ in EXPERIMENTS]
+  unknown = sorted(set(only) - set(known))
+  if unknown:
+    raise ValueError(f'unknown experiments {unknown}; known: {known}.')
+  summary = {}
+  for name, module_name, what in EXPERIMENTS:
+    if only and name not in only:
+      continue
+    module = importlib.import_module(module_name)
+    config = module.quickstart_config()
+    if data_dir is not None and 'data_dir' in config:
+      config['data_dir'] = data_dir
+    config.update((config_overrides or {}).get(name, {}))
+    logging.info('quickstart: %s (%s)', name, what)
+    start = time.perf_counter()
+    results = module.run(config, os.path.join(workdir, name))
+    results = dict(results, wall_time_s=time.perf_counter() - start)
+    summary[name] = results
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2, default=float)
+  return summary
+
+
+def define_flags():
+  flags.DEFINE_list('only', [], 'Run only these experiments (comma-separated).')
+
+
+def main(argv):
+  del argv
+  workdir = cli.start()
+  try:
+    summary = run(workdir, tuple(flags.FLAGS.only), cli.DATA_DIR.value)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  for name, results in summary.items():
+    print(f'{name}: ' + json.dumps(results, default=float))
+  print(f'quickstart finished: {len(summary)} experiments, results in '
+        f'{os.path.join(workdir, "summary.json")}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
