@@ -47,12 +47,13 @@ def default_config() -> dict[str, Any]:
   return dict(
       a0=2.8, b0=3.5,              # starting point (a₀, b₀), as in [BD21] Fig. 1
       x=1.0, y=3.0,                # the data point; minima lie on a·b = y/x
-      small_learning_rate=0.01,    # h_S: GD close to the exact flow
-      moderate_learning_rate=0.08,  # h_M: GD close to the modified flow
+      small_learning_rate=0.005,   # h_S: GD close to the exact flow
+      moderate_learning_rate=0.03,  # h_M: GD close to the modified flow
       horizon=20.0,                # time T of the plotted trajectories
       order_time=0.5,              # time T at which the error orders are measured
       order_num_steps=[20, 40, 80, 160, 320, 640],  # n; h = order_time / n
-      endpoint_learning_rates=[0.005, 0.01, 0.02, 0.04, 0.06, 0.08],
+      # Up to ~2/λ_max(∇²E(θ₀)) = 0.075, the stability limit at the start.
+      endpoint_learning_rates=[0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06],
       rk4_substeps=20000,          # RK4 steps per flow integration
   )
 
@@ -223,6 +224,10 @@ def _run(config, workdir):
     paths[label] = _check_finite(f'GD with h={h}', gd_path(theta0, h, n))
   exact_path, _ = flow_paths(theta0, 0.0, horizon)
   _, modified_path = flow_paths(theta0, config['moderate_learning_rate'], horizon)
+  # Which flow does GD with h_M end nearer, after the whole horizon?
+  moderate_end = paths['moderate'][-1]
+  exact_end_m, modified_end_m = flow_endpoints(
+      theta0, config['moderate_learning_rate'], horizon)
 
   results = dict(
       config=config,
@@ -236,6 +241,10 @@ def _run(config, workdir):
       exact_flow_endpoint=[float(v) for v in np.asarray(exact_end)],
       exact_flow_param_norm=float(np.linalg.norm(np.asarray(exact_end))),
       endpoints=endpoints,
+      moderate_gd_to_exact_flow=float(
+          np.linalg.norm(moderate_end - np.asarray(exact_end_m))),
+      moderate_gd_to_modified_flow=float(
+          np.linalg.norm(moderate_end - np.asarray(modified_end_m))),
       igr_rate_moderate=gr.implicit_regularization_rate(
           config['moderate_learning_rate'], 2),
   )
@@ -249,7 +258,7 @@ def _plot(config, results, paths, exact_path, modified_path, workdir):
   with plotting.figure(os.path.join(workdir, 'phase_plane.png'),
                        size=(5.5, 5.0)) as (_, ax):
     every = lambda p: p[:: max(1, len(p) // 400)]  # noqa: E731
-    a = np.linspace(0.5, 4.0, 200)
+    a = np.linspace(1.0, 3.0, 200)
     ax.plot(a, y / x / a, 'k--', lw=1, label='minima a·b = y/x')
     ax.plot(*results['flattest_minimum'], 'kx', ms=10, label='flattest minimum')
     ax.plot(*every(exact_path).T, 'g-', label='exact flow of E')
@@ -257,10 +266,10 @@ def _plot(config, results, paths, exact_path, modified_path, workdir):
             label=f'modified flow, h={config["moderate_learning_rate"]}')
     for label, colour in (('small', 'tab:green'), ('moderate', 'tab:red')):
       h = config[f'{label}_learning_rate']
-      ax.plot(*paths[label][:200].T, '.', color=colour, ms=3,
-              label=f'GD, h={h} (first 200 steps)')
-    ax.set_xlim(0.5, 4.0)
-    ax.set_ylim(0.5, 4.0)
+      ax.plot(*every(paths[label]).T, '.', color=colour, ms=3,
+              label=f'GD, h={h}')
+    ax.set_xlim(1.0, 3.0)
+    ax.set_ylim(1.5, 3.6)
     ax.set_xlabel('a')
     ax.set_ylabel('b')
     ax.set_title('E = ½(y − abx)²')

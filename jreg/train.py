@@ -55,6 +55,30 @@ class TrainState(NamedTuple):
   rng: jax.Array           # [2] uint32 raw PRNG key, split once per step
 
 
+SCHEDULES = ('constant', 'cosine', 'warmup_cosine')
+
+
+def learning_rate_schedule(kind: str, peak: float, num_steps: int,
+                           warmup_steps: int = 0) -> optax.Schedule:
+  """The learning-rate schedules experiments choose from by flag.
+
+  * `constant`: `peak` throughout.
+  * `cosine`: peak·½(1 + cos(π·t/T)) over T = `num_steps` (Loshchilov & Hutter).
+  * `warmup_cosine`: linear warm-up from 0 to `peak` over `warmup_steps`, then
+    cosine decay to 0 at `num_steps`.
+  """
+  if kind not in SCHEDULES:
+    raise ValueError(f'schedule {kind!r} is not one of {SCHEDULES}.')
+  if warmup_steps < 0 or (kind == 'warmup_cosine' and warmup_steps >= num_steps):
+    raise ValueError(f'a warm-up of {warmup_steps} steps does not fit in a run of '
+                     f'{num_steps} steps.')
+  if kind == 'constant':
+    return optax.constant_schedule(peak)
+  if kind == 'cosine':
+    return optax.cosine_decay_schedule(peak, num_steps)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, num_steps)
+
+
 class NonFiniteLossError(RuntimeError):
   """Raised by `fit` when a step produced a NaN or infinite loss."""
 

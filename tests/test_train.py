@@ -130,6 +130,34 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed.rng, uninterrupted.rng)
 
 
+def test_interrupted_save_does_not_replace_the_last_good_checkpoint(tmp_path):
+  """A save killed mid-write leaves orbax's temporary folder, never a step folder."""
+  finished, _ = _fit(tmp_path, num_steps=6)
+  half_written = tmp_path / 'checkpoints' / '9.orbax-checkpoint-tmp-1234'
+  (half_written / 'state').mkdir(parents=True)
+  (half_written / 'state' / 'garbage').write_bytes(b'\x00' * 10)
+  checkpointer = train.checkpoint_lib.Checkpointer(str(tmp_path))
+  assert checkpointer.latest_step() == 6
+  restored, _ = checkpointer.restore(train.init_state(_linear_init, optax.adam(1e-2), 0))
+  jax.tree.map(np.testing.assert_array_equal, train.TrainState(*restored).params,
+               finished.params)
+  checkpointer.close()
+  # Resuming the finished run does no step and cleans the temporary folder up.
+  resumed, history = _fit(tmp_path, num_steps=6)
+  assert not half_written.exists() and not [r for r in history if r['split'] == 'train']
+
+
+def test_learning_rate_schedules():
+  warm = train.learning_rate_schedule('warmup_cosine', 1.0, 100, warmup_steps=10)
+  assert float(warm(0)) == 0.0 and float(warm(10)) == pytest.approx(1.0)
+  assert float(warm(100)) == pytest.approx(0.0, abs=1e-6)
+  cosine = train.learning_rate_schedule('cosine', 0.5, 10)
+  assert float(cosine(0)) == 0.5 and float(cosine(5)) == pytest.approx(0.25)
+  assert float(train.learning_rate_schedule('constant', 0.3, 10)(7)) == pytest.approx(0.3)
+  with pytest.raises(ValueError, match='warm-up of 20 steps'):
+    train.learning_rate_schedule('warmup_cosine', 1.0, 10, warmup_steps=20)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(train.NonFiniteLossError, match='step 5 produced a non-finite'):
     _fit(tmp_path, num_steps=8, iterator=CountingIterator(poison_at=4))
