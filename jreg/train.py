@@ -230,7 +230,7 @@ def _is_finite(metrics: Mapping[str, np.ndarray]) -> bool:
 def fit(*,
         workdir: str,
         init_fn: Callable[[jax.Array], tuple[hk.Params, hk.State]],
-        grad_fn: GradFn,
+        grad_fn: GradFn | list[tuple[int, GradFn]],
         optimizer: optax.GradientTransformation,
         train_iter: Any,
         num_steps: int,
@@ -247,7 +247,11 @@ def fit(*,
   Args:
     workdir: directory for checkpoints, `metrics.jsonl` and TensorBoard events.
     init_fn: `rng -> (params, model_state)`.
-    grad_fn: see `value_and_grad`.
+    grad_fn: see `value_and_grad`; or phases `[(last_step, grad_fn), ...]`
+      with increasing `last_step`, each grad function used for the steps up to
+      its `last_step` (the last phase runs to the end). DEQs use this for the
+      unrolled weight-tied pre-training before the implicit layer; each phase
+      is compiled once, when it is first reached.
     optimizer: any optax transformation.
     train_iter: a `jreg.data` iterator (`next`, `get_state`, `set_state`) giving
       this process's slice of each global batch.
@@ -283,7 +287,19 @@ def fit(*,
                  checkpointer.directory)
   start = int(host_state.step)
   state = par.put_state(host_state)
-  update = par.compile(make_update(grad_fn, optimizer, par.axis_name))
+  phases = grad_fn if isinstance(grad_fn, (list, tuple)) else [(num_steps, grad_fn)]
+  if any(a[0] >= b[0] for a, b in zip(phases, phases[1:])):
+    raise ValueError('grad_fn phases need increasing last steps, got '
+                     f'{[p[0] for p in phases]}.')
+  compiled = {}
+
+  def update(step, state, batch):
+    index = next((i for i, (last, _) in enumerate(phases) if step <= last),
+                 len(phases) - 1)
+    if index not in compiled:
+      compiled[index] = par.compile(make_update(phases[index][1], optimizer,
+                                                par.axis_name))
+    return compiled[index](state, batch)
 
   def save(step, device_state):
     checkpointer.save(step, par.get(device_state), train_iter.get_state())
@@ -301,7 +317,7 @@ def fit(*,
     for step in range(start + 1, num_steps + 1):
       # The data position after this batch is what a checkpoint at `step` saves.
       batch = par.put_batch(next(train_iter))
-      state, step_metrics = update(state, batch)
+      state, step_metrics = update(step, state, batch)
       if pending is not None:
         _check_and_log(pending, par, writer, window, log_every, learning_rate_fn)
       pending = (step, step_metrics)

@@ -104,6 +104,15 @@ def test_cifar10_record_layout(tmp_path):
     assert loaded['image'][n, h, w, c] == records[n, 1 + c * 1024 + h * 32 + w]
 
 
+def test_normalize_formula():
+  pixels = np.array([[[0, 128, 255]]], np.uint8)                   # [1, 1, 3]
+  expected = (pixels / 255 - np.array(augment.CIFAR10_MEAN)) / np.array(
+      augment.CIFAR10_STD)
+  result = augment.normalize(pixels, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+  assert result.dtype == np.float32
+  np.testing.assert_allclose(result, expected, rtol=1e-6)
+
+
 def test_pad_crop_flip_matches_reference():
   """Each output is a crop of the zero-padded image, mirrored when flipped."""
   rng = np.random.default_rng(2)

@@ -83,9 +83,9 @@ def per_example_mse(params, model_state, batch):
 
 def _fit(workdir, parallel='single', num_steps=6, iterator=None, **kwargs):
   kwargs.setdefault('checkpoint_every', 3)
+  kwargs.setdefault('grad_fn', train.value_and_grad(_linear_loss))
   return train.fit(
       workdir=str(workdir), init_fn=_linear_init,
-      grad_fn=train.value_and_grad(_linear_loss),
       optimizer=optax.adam(1e-2), train_iter=iterator or CountingIterator(),
       num_steps=num_steps, parallel=parallel, log_every=2,
       tensorboard=False, **kwargs)
@@ -145,6 +145,25 @@ def test_interrupted_save_does_not_replace_the_last_good_checkpoint(tmp_path):
   # Resuming the finished run does no step and cleans the temporary folder up.
   resumed, history = _fit(tmp_path, num_steps=6)
   assert not half_written.exists() and not [r for r in history if r['split'] == 'train']
+
+
+def test_phases_switch_grad_fn_at_the_given_step(tmp_path):
+  """Pre-training phases: steps 1-2 use one grad function, the rest another."""
+  def tagged(tag):
+    plain = train.value_and_grad(_linear_loss)
+
+    def grad_fn(*args):
+      (loss, (model_state, metrics)), grads = plain(*args)
+      return (loss, (model_state, dict(metrics, phase=jnp.float32(tag)))), grads
+
+    return grad_fn
+
+  _, history = _fit(tmp_path, num_steps=4, grad_fn=[(2, tagged(0)), (4, tagged(1))],
+                    checkpoint_every=0)
+  phases = [r['phase'] for r in history if r['split'] == 'train']
+  assert phases == [0.0, 1.0]  # logged every 2 steps: steps 1-2, then 3-4
+  with pytest.raises(ValueError, match='increasing last steps'):
+    _fit(tmp_path / 'bad', grad_fn=[(4, tagged(0)), (2, tagged(1))])
 
 
 def test_learning_rate_schedules():

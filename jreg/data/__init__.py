@@ -2,7 +2,8 @@
 
 Every iterator yields dicts of NumPy arrays holding this process's slice of the
 global batch and has `get_state() -> dict` (JSON) / `set_state(dict)`.
-See notes/data.md for the API and the choices made.
+Datasets come from `source='local'` (the standard distribution files under
+`data_dir`) or `source='tfds'`. See notes/data.md for the API and the choices.
 """
 from jreg.data.augment import normalize
 from jreg.data.augment import pad_crop_flip
@@ -16,3 +17,18 @@ from jreg.data.mnist import load_mnist
 from jreg.data.mnist import mnist_iterator
 from jreg.data.synthetic import load_synthetic_1d
 from jreg.data.synthetic import synthetic_1d_iterator
+from jreg.data.wikitext import LMOrderedIterator
+from jreg.data.wikitext import load_wikitext
+from jreg.data.wikitext import Vocabulary
+from jreg.data.wikitext import WikiTextCorpus
+from jreg.data.wikitext import wikitext_iterator
+
+# ImageNet needs grain (about 1.5 s to import): loaded on first use.
+_IMAGENET_NAMES = ('imagenet_iterator', 'imagenet_source', 'ImageNetIterator')
+
+
+def __getattr__(name):
+  if name in _IMAGENET_NAMES:
+    from jreg.data import imagenet  # pylint: disable=g-import-not-at-top
+    return getattr(imagenet, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

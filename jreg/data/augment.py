@@ -30,7 +30,9 @@ def normalize(images: np.ndarray, mean: Sequence[float],
   """
   scale = np.float32(1 / 255) / np.asarray(std, np.float32)        # [C]
   shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
-  return images.astype(np.float32) * scale - shift
+  normalized = np.multiply(images, scale, dtype=np.float32)
+  normalized -= shift
+  return normalized
 
 
 def _key_digits(keys: np.ndarray, *radices: int) -> list[np.ndarray]:

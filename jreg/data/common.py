@@ -11,6 +11,7 @@ Each dataset comes from one of two sources, chosen by `source`:
 import pathlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from absl import logging
 import numpy as np
 
 SOURCES = ('local', 'tfds')
@@ -102,7 +103,7 @@ def tfds_to_arrays(source: Any, fields: Mapping[str, Callable[[Any], Any]],
   Args:
     source: a `tfds.data_source(...)` split (len() and [i]).
     fields: output name -> function of one record giving that field.
-    progress_name: printed with a count every 10,000 records when non-empty.
+    progress_name: logged with a count every 10,000 records when non-empty.
 
   Returns:
     A dict of stacked arrays, one row per record.
@@ -113,8 +114,8 @@ def tfds_to_arrays(source: Any, fields: Mapping[str, Callable[[Any], Any]],
     for key, extract in fields.items():
       columns[key].append(np.asarray(extract(record)))
     if progress_name and (index + 1) % 10_000 == 0:
-      print(f'{progress_name}: read {index + 1}/{len(source)} records',
-            flush=True)
+      logging.info('%s: read %d/%d records', progress_name, index + 1,
+                   len(source))
   return {key: np.stack(values) for key, values in columns.items()}
 
 

@@ -27,8 +27,10 @@ import array
 import collections
 import json
 import pathlib
+import time
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from absl import logging
 import numpy as np
 
 from jreg.data import common
@@ -57,9 +59,14 @@ def _lines(path: pathlib.Path, how_to_get: str) -> Iterable[list[str]]:
   common.require_file(path, how_to_get)
   count = 0
   with open(path, 'r', encoding='utf-8') as stream:
-    for line in stream:
-      count += 1
-      yield line.strip().split() + [EOS]
+    try:
+      for line in stream:
+        count += 1
+        yield line.strip().split() + [EOS]
+    except UnicodeDecodeError as error:
+      raise common.DataError(
+          f'{path} is not UTF-8 text ({error.reason}): {how_to_get}.'
+      ) from None
   if count == 0:
     raise common.DataError(f'{path} has no lines (empty token file): '
                            f'{how_to_get}.')
@@ -111,8 +118,8 @@ class Vocabulary:
     except KeyError:
       if unk is None:
         missing = next(s for s in symbols if s not in self._ids)
-        raise KeyError(f'symbol {missing!r} is not in the vocabulary and it '
-                       'has no <unk>.') from None
+        raise KeyError(f'symbol {missing!r} that is not in the vocabulary, '
+                       'which has no <unk>') from None
       return [self._ids.get(symbol, unk) for symbol in symbols]
 
   def decode(self, ids: Iterable[int]) -> list[str]:
@@ -207,16 +214,26 @@ def load_wikitext(variant: str = 'wikitext-103', *, source: str = 'local',
   paths = {split: folder / f'wiki.{split}.tokens' for split in SPLITS}
   for path in paths.values():
     common.require_file(path, how)
+  start = time.perf_counter()
   counts = collections.Counter()
   for symbols in _lines(paths['train'], how):
     counts.update(symbols[:-1])  # Transformer-XL counts without <eos>
   vocabulary = Vocabulary.from_counts(counts)
+  logging.info('%s: vocabulary of %d symbols from %s (%.1f s)', variant,
+               len(vocabulary), paths['train'], time.perf_counter() - start)
   splits = {}
   for split, path in paths.items():
     ids = array.array('i')
     for symbols in _lines(path, how):
-      ids.extend(vocabulary.encode(symbols))
+      try:
+        ids.extend(vocabulary.encode(symbols))
+      except KeyError as error:
+        raise common.DataError(
+            f'{path} holds a {error.args[0]} (a WikiText file from another '
+            f'release?): {how}.') from None
     splits[split] = np.frombuffer(ids, np.int32).copy()
+    logging.info('%s: encoded %s, %d tokens (%.1f s)', variant, split,
+                 len(splits[split]), time.perf_counter() - start)
   if cache is not None:
     cache.mkdir(parents=True, exist_ok=True)
     for split, tokens in splits.items():

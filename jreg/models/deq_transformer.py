@@ -400,3 +400,48 @@ class DEQTransformerLM(hk.Module):
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter pytree (arrays or ShapeDtypeStructs)."""
   return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+# Batch axis of each memory buffer in the model state (others are not per example).
+_MEMORY_BATCH_AXIS = {'memory_z': 0, 'memory_u': 0, 'memory_layers': 1}
+
+
+def shard_memory(grad_fn):
+  """Makes a grad function keep per-example memory right under `pmap`.
+
+  The memory buffers in the model state hold one row per stream of the
+  *global* batch in every parallel mode ('single' and 'sharded' see the global
+  arrays). Under `pmap` each device computes only its rows; this wrapper hands
+  `grad_fn` that device's rows (`axis_index * b ... + b`) and gathers the
+  updated rows of all devices back (`all_gather`), so every device holds the
+  same full memory and the engine's `pmean` of the state leaves it unchanged.
+  Without `axis_name` it is `grad_fn` itself.
+  """
+
+  def wrapped(params, model_state, rng, batch, axis_name=None):
+    if axis_name is None:
+      return grad_fn(params, model_state, rng, batch, axis_name)
+    rows = batch['inputs'].shape[0]
+    index = jax.lax.axis_index(axis_name)
+
+    def take(module, name, value):
+      del module
+      axis = _MEMORY_BATCH_AXIS.get(name)
+      if axis is None:
+        return value
+      return jax.lax.dynamic_slice_in_dim(value, index * rows, rows, axis)
+
+    def gather(module, name, value):
+      del module
+      axis = _MEMORY_BATCH_AXIS.get(name)
+      if axis is None:
+        return value
+      return jax.lax.all_gather(value, axis_name, axis=axis, tiled=True)
+
+    local_state = hk.data_structures.map(take, model_state)
+    (loss, (new_state, metrics)), grads = grad_fn(params, local_state, rng, batch,
+                                                  axis_name)
+    new_state = hk.data_structures.map(gather, new_state)
+    return (loss, (new_state, metrics)), grads
+
+  return wrapped

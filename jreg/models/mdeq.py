@@ -605,8 +605,10 @@ def build_classifier(config: MDEQConfig, settings: TrainingSettings,
   model = hk.transform_with_state(forward)
 
   def init_fn(rng):
+    # The unrolled path creates the same parameters and state as the DEQ path
+    # without compiling solvers into the initialisation.
     images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    return model.init(rng, images, True, False)
+    return model.init(rng, images, True, True)
 
   def make_loss(unrolled):
     def loss_fn(params, model_state, rng, batch):
