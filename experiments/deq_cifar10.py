@@ -424,12 +424,13 @@ def plot_runs(histories: Mapping[str, list[dict]], workdir: str,
   return paths
 
 
-def define_flags():
+def define_flags(with_preset: bool = True):
   """Flags of this experiment (see `default_config`); others are common."""
   d = default_config()
-  flags.DEFINE_enum('preset', 'paper', ['paper', 'small'],
-                    'paper: default_config() (Table 4); small: small_config(), '
-                    'the reduced-scale run of notes/mdeq.md.')
+  if with_preset:
+    flags.DEFINE_enum('preset', 'paper', ['paper', 'small'],
+                      'paper: default_config() (Table 4); small: '
+                      'small_config(), the reduced-scale run of notes/mdeq.md.')
   flags.DEFINE_string('model', d['model'], 'MDEQ configuration name.')
   flags.DEFINE_enum('network', d['network'], ['mdeq', 'explicit'],
                     'mdeq: the DEQ; explicit: untied unrolled cells.')

@@ -14,6 +14,10 @@ which the DEQ code (locuslab/deq, DEQ-Sequence) copies:
   order of first appearance (`collections.Counter.most_common`), with no
   minimum count and no size limit (`<unk>` is an ordinary, counted symbol);
 - every split is encoded as one stream of ids.
+Both variants count the training split only, Transformer-XL's 'wt103' rule
+(its 'wt2' setting also counts valid and test: on WikiText-2 that gives the
+same 33,278 symbols, every valid/test token occurring in train, in another
+order). WikiText-2 stands in here for WikiText-103, so it takes the same path.
 
 WikiText-2: 2,088,628 / 217,646 / 245,569 tokens, vocabulary 33,278.
 

@@ -1,0 +1,282 @@
+"""Tests of the multiscale DEQ (jreg/models/mdeq.py) and its experiments."""
+import json
+import math
+import os
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jreg import deq
+from jreg.models import mdeq
+
+TINY = mdeq.mdeq_config('tiny')
+IMAGE = 8  # side of the tiny configuration's images
+
+
+def _expected_cell_params(cfg: mdeq.MDEQConfig) -> int:
+  """Parameters of one MDEQCell counted from the architecture's definition.
+
+  Residual block of width C, inner width I = E*C (weight-normalised 3x3 convs
+  without bias: v plus one g per output channel; GroupNorm scale + offset):
+  9*C*I + I, 2*I, 9*I*C + C, 2*C, 2*C. Fusion j -> i (no bias): upsampling
+  1x1 conv C_j*C_i + GroupNorm 2*C_i; downsampling (i - j) 3x3 convs, the
+  first i-j-1 keeping C_j channels, the last mapping to C_i, each followed by
+  a GroupNorm. Post-fusion: weight-normalised 1x1 conv C_i^2 + C_i, GroupNorm
+  without affine parameters.
+  """
+  total = 0
+  channels = cfg.num_channels
+  for i, c in enumerate(channels):
+    inner = int(cfg.expansion * c)
+    total += 9 * c * inner + inner + 2 * inner + 9 * inner * c + c + 4 * c
+    for j, cj in enumerate(channels):
+      if j > i:
+        total += cj * c + 2 * c
+      elif j < i:
+        for k in range(i - j):
+          out = c if k == i - j - 1 else cj
+          total += 9 * cj * out + 2 * out
+    total += c * c + c
+  return total
+
+
+def _param_shapes(cfg: mdeq.MDEQConfig):
+  """Parameter shapes of the full classifier (no allocation: eval_shape)."""
+  settings = mdeq.TrainingSettings(
+      forward=deq.SolverConfig('broyden', 4), backward=deq.BackwardConfig())
+  side = cfg.image_size
+  fns = mdeq.build_classifier(cfg, settings, (side, side, 3))
+  params, state = jax.eval_shape(fns.init_fn, jax.random.key(0))
+  return params, state, fns
+
+
+@pytest.mark.parametrize('name', ['tiny', 'cifar10_small', 'cifar10',
+                                  'imagenet_small'])
+def test_parameter_counts_and_shapes(name):
+  cfg = mdeq.mdeq_config(name)
+  params, state, fns = _param_shapes(cfg)
+  cell = {k: v for k, v in params.items() if '/deq/cell/' in k}
+  assert mdeq.count_params(cell) == _expected_cell_params(cfg)
+  # The cell's convolutions are weight-normalised: g has one entry per output
+  # channel of v.
+  for module, values in cell.items():
+    if 'v' in values:
+      assert values['g'].shape == (values['v'].shape[-1],), module
+  assert set(state) == {'~', 'mdeq/deq'}  # step counter and backward-stats probe
+  side = cfg.image_size
+  images = jax.ShapeDtypeStruct((2, side, side, 3), jnp.float32)
+  logits, info = jax.eval_shape(fns.predict_fn, params, state, images)
+  assert logits.shape == (2, cfg.num_classes)
+  assert info['forward_nfe'].shape == ()
+  total = mdeq.count_params(params)
+  if name == 'imagenet_small':
+    # MDEQ-small on ImageNet has 18M parameters (Bai et al. 2020, Table 3).
+    assert abs(total - 18e6) / 18e6 < 0.05, total
+
+
+def test_equilibrium_state_shapes():
+  cfg = mdeq.mdeq_config('imagenet_small')
+  shapes = mdeq.dropout_mask_shapes(cfg, 3, 224)
+  assert shapes == [(3, 56, 56, 32), (3, 28, 28, 64), (3, 14, 14, 128),
+                    (3, 7, 7, 256)]
+
+
+def test_weight_norm_conv_matches_formula():
+  conv = hk.without_apply_rng(hk.transform(
+      lambda x: mdeq.WeightNormConv2D(5, 3, stride=2)(x)))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  params = conv.init(jax.random.key(1), x)
+  p = params['weight_norm_conv2_d']
+  # At initialisation g = ||v|| per output channel, so w = v.
+  np.testing.assert_allclose(p['g'], np.linalg.norm(
+      np.asarray(p['v']).reshape(-1, 5), axis=0), rtol=1e-6)
+  g = jnp.arange(1.0, 6.0)
+  out = conv.apply({'weight_norm_conv2_d': {'v': p['v'], 'g': g}}, x)
+  w = p['v'] / jnp.linalg.norm(p['v'].reshape(-1, 5), axis=0) * g
+  ref = jax.lax.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert out.shape == (2, 3, 3, 5)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  # Scaling v leaves the layer unchanged (only its direction matters).
+  out2 = conv.apply({'weight_norm_conv2_d': {'v': 7.0 * p['v'], 'g': g}}, x)
+  np.testing.assert_allclose(out2, out, rtol=1e-4, atol=1e-5)
+
+
+# A cell and injection shared by the fixed-point and gradient tests.
+_stem = hk.without_apply_rng(hk.transform(lambda im: mdeq.Stem(TINY)(im)))
+_cell = hk.without_apply_rng(hk.transform(
+    lambda z, x: mdeq.MDEQCell(TINY)(z, x)))
+
+
+@pytest.fixture(scope='module')
+def tiny_problem():
+  images = jax.random.normal(jax.random.key(0), (3, IMAGE, IMAGE, 3))
+  injection = _stem.apply(_stem.init(jax.random.key(1), images), images)
+  z0 = mdeq.initial_state(TINY, injection)
+  shapes = [z.shape for z in z0]
+  masks = mdeq.variational_dropout_masks(jax.random.key(2), shapes, 0.3)
+  x = {'injection': injection, 'dropout_masks': masks}
+  params = _cell.init(jax.random.key(3), z0, x)
+  return params, x, z0
+
+
+_SOLVE = deq.SolverConfig('broyden', max_iter=60, tol=1e-5)
+
+
+@jax.jit
+def _solve(params, x, z0):
+  return deq.solve(lambda z: _cell.apply(params, z, x), z0, _SOLVE)
+
+
+def _residual(params, x, z):
+  fz = _cell.apply(params, z, x)
+  num = math.sqrt(sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(fz, z)))
+  den = math.sqrt(sum(float(jnp.sum(a ** 2)) for a in fz))
+  return num / den
+
+
+def test_multiscale_cell_reaches_its_fixed_point(tiny_problem):
+  params, x, z0 = tiny_problem
+  z_star, stats = _solve(params, x, z0)
+  assert [z.shape for z in z_star] == [(3, 8, 8, 4), (3, 4, 4, 8)]
+  assert bool(stats.all_converged), stats.rel_residual
+  # Recomputed independently of the solver's bookkeeping (whole-batch norm).
+  assert _residual(params, x, z_star) < 1e-4
+  assert _residual(params, x, z0) > 0.5
+
+
+def test_dropout_masks_are_fixed_across_solver_iterations(tiny_problem):
+  params, x, z0 = tiny_problem
+  masks = x['dropout_masks']
+  for mask in masks:
+    values = np.unique(np.asarray(mask))
+    np.testing.assert_allclose(values, [0.0, 1 / 0.7], rtol=1e-6)
+    assert 0.2 < float(np.mean(np.asarray(mask) == 0)) < 0.4
+  z_star, _ = _solve(params, x, z0)
+  # z* is the fixed point of f(., x) with the masks drawn once: the solver's
+  # map kept them fixed over all its iterations. With other masks it is not.
+  assert _residual(params, x, z_star) < 1e-4
+  other = mdeq.variational_dropout_masks(jax.random.key(9),
+                                         [m.shape for m in masks], 0.3)
+  assert _residual(params, dict(x, dropout_masks=other), z_star) > 1e-2
+
+  # Through the classifier: in training mode the masks are drawn once per call
+  # (outside the cell) and the DEQ layer converges to the fixed point of that
+  # single map; a different rng gives different masks.
+  cfg = TINY.replace(dropout=0.3)
+
+  def forward(images):
+    model = mdeq.MDEQClassifier(
+        cfg, forward=_SOLVE, backward=deq.BackwardConfig(), name='mdeq')
+    return model(images, is_training=True)
+
+  model = hk.transform_with_state(forward)
+  images = jax.random.normal(jax.random.key(0), (3, IMAGE, IMAGE, 3))
+  p, s = model.init(jax.random.key(1), images)
+  (_, info), _ = jax.jit(model.apply)(p, s, jax.random.key(5), images)
+  assert float(info['forward_converged_fraction']) == 1.0
+  assert float(info['forward_rel_residual']) < 1e-4
+
+
+def test_implicit_gradient_matches_finite_differences(tiny_problem):
+  """d/dt L(theta + t u) at t=0 for L = <w, z*(theta)>, implicit vs central
+  finite differences of converged forward solves."""
+  params, x, z0 = tiny_problem
+  weights = [jax.random.normal(k, z.shape) for k, z in
+             zip(jax.random.split(jax.random.key(4), 2), z0)]
+  backward = deq.BackwardConfig(
+      mode='implicit', solver=deq.SolverConfig('broyden', 60, tol=1e-6))
+
+  def objective(p):
+    z_star, _ = deq.fixed_point(_cell.apply, p, x, z0, forward=_SOLVE,
+                                backward=backward)
+    return sum(jnp.sum(w * z) for w, z in zip(weights, z_star))
+
+  grads = jax.jit(jax.grad(objective))(params)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  direction = jax.tree.unflatten(treedef, [
+      jax.random.normal(k, l.shape) * (0.05 * float(jnp.std(l)) + 1e-3)
+      for k, l in zip(keys, leaves)])
+  implicit = sum(float(jnp.vdot(g, u)) for g, u in zip(
+      jax.tree.leaves(grads), jax.tree.leaves(direction)))
+
+  def value(t):
+    p = jax.tree.map(lambda a, u: a + t * u, params, direction)
+    z_star, stats = _solve(p, x, z0)
+    assert bool(stats.all_converged)
+    return sum(float(jnp.sum(w * z)) for w, z in zip(weights, z_star))
+
+  eps = 0.05
+  finite = (value(eps) - value(-eps)) / (2 * eps)
+  assert abs(implicit) > 1e-2
+  assert implicit == pytest.approx(finite, rel=0.03)
+
+
+def test_explicit_network_has_similar_size():
+  cfg = mdeq.mdeq_config('cifar10')
+  explicit = mdeq.explicit_config(cfg, 4)
+  net = hk.transform(lambda im: mdeq.ExplicitMDEQ(explicit, 4)(im))
+  images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  n_explicit = mdeq.count_params(jax.eval_shape(net.init, jax.random.key(0),
+                                                images))
+  params, _, _ = _param_shapes(cfg)
+  n_deq = mdeq.count_params(params)
+  assert abs(n_explicit - n_deq) / n_deq < 0.3
+  assert len([k for k in jax.eval_shape(net.init, jax.random.key(0), images)
+              if k.endswith('block_0/conv1')]) == 4  # four untied cells
+
+
+def test_cifar10_experiment_end_to_end(tmp_path, shared_data):
+  from experiments import deq_cifar10
+  config = dict(deq_cifar10.quickstart_config(), data_dir=str(shared_data),
+                model_overrides={'num_classes': 10, 'dropout': 0.2},
+                num_steps=3, pretrain_steps=1, log_every=1)
+  results = deq_cifar10.run(config, str(tmp_path))
+  history = json.load(open(tmp_path / 'results.json'))['history']
+  phases = [r['phase'] for r in history if r['split'] == 'train']
+  assert phases == ['pretrain', 'mdeq', 'mdeq']
+  deq_steps = [r for r in history if r['split'] == 'train' and
+               r['phase'] == 'mdeq']
+  for record in deq_steps:
+    assert 1 <= record['forward_nfe'] <= config['forward_nfe']
+    assert 1 <= record['backward_nfe'] <= config['backward_nfe']
+    assert record['jacobian_applied'] == 1.0  # p = 1 in this configuration
+    assert record['jacobian_loss'] > 0
+    assert record['loss'] == pytest.approx(
+        record['cross_entropy'] + 0.5 * record['jacobian_loss'], rel=1e-5)
+  assert 0 <= results['test']['accuracy'] <= 1
+  assert 1 <= results['test']['probe_nfe_to_tol'] <= config['probe_nfe']
+  for name in ('convergence.png', 'accuracy_vs_time.png'):
+    assert os.path.getsize(tmp_path / name) > 1000
+
+
+def test_imagenet_experiment_end_to_end(tmp_path, shared_data):
+  from experiments import deq_imagenet
+  config = dict(deq_imagenet.quickstart_config(), data_dir=str(shared_data),
+                num_steps=2)
+  results = deq_imagenet.run(config, str(tmp_path))
+  assert results['num_classes'] == 10  # imagenet-mini
+  train = [r for r in json.load(open(tmp_path / 'results.json'))['history']
+           if r['split'] == 'train']
+  assert [r['step'] for r in train] == [1, 2]
+  assert all(np.isfinite(r['loss']) for r in train)
+  # gamma ramps linearly from 2 (step 0) towards 3 (step num_steps).
+  assert train[0]['jacobian_weight'] == pytest.approx(2.0)
+  assert train[1]['jacobian_weight'] == pytest.approx(2.5)
+  assert 0 <= results['test']['accuracy'] <= 1
+
+
+def test_bad_configuration_is_refused():
+  from experiments import deq_cifar10, deq_imagenet
+  with pytest.raises(ValueError, match='jacobian_prob'):
+    deq_cifar10.check_config(dict(deq_cifar10.default_config(),
+                                  jacobian_prob=1.5))
+  with pytest.raises(ValueError, match='Unknown MDEQ configuration'):
+    deq_cifar10.check_config(dict(deq_cifar10.default_config(), model='big'))
+  with pytest.raises(ValueError, match='divisible'):
+    deq_imagenet.check_config(dict(deq_imagenet.default_config(),
+                                   image_size=200))
