@@ -97,8 +97,8 @@ def default_config() -> dict[str, Any]:
 def small_config() -> dict[str, Any]:
   """The reduced-scale run of notes/mdeq.md (2 CPU cores, <= 10 min per run)."""
   return dict(
-      default_config(), model='cifar10_small', batch_size=32, num_steps=300,
-      pretrain_steps=50, forward_nfe=10, backward_nfe=10, eval_nfe=10,
+      default_config(), model='cifar10_small', batch_size=32, num_steps=400,
+      pretrain_steps=100, forward_nfe=10, backward_nfe=10, eval_nfe=10,
       probe_nfe=30, probe_examples=200, probe_batch_size=50,
       train_examples=0, test_examples=1_000, eval_batch_size=250,
       jacobian_weight=0.5, jacobian_weight_final=0.5, jacobian_prob=0.5,
@@ -110,7 +110,7 @@ def quickstart_config() -> dict[str, Any]:
   """A few steps of the tiny MDEQ on a CIFAR-10 subset (well under a minute)."""
   return dict(
       default_config(), model='tiny', model_overrides={'num_classes': 10},
-      batch_size=8, num_steps=3, pretrain_steps=1, forward_nfe=4,
+      batch_size=8, num_steps=3, pretrain_steps=0, forward_nfe=4,
       backward_nfe=4, eval_nfe=4, probe_nfe=6, probe_examples=16,
       probe_batch_size=16, train_examples=64, test_examples=32,
       eval_batch_size=32, jacobian_prob=1.0, jacobian_prob_final=1.0,
@@ -463,7 +463,8 @@ def config_from_flags(defaults: dict[str, Any]) -> dict[str, Any]:
     for key in ('jacobian_weight', 'jacobian_prob'):
       if key in f and f[key].present:
         config[key] = config[f'{key}_final'] = f[key].value
-    config['checkpoint_every'] = cli.CHECKPOINT_EVERY.value
+    if cli.CHECKPOINT_EVERY.present:
+      config['checkpoint_every'] = cli.CHECKPOINT_EVERY.value
     if cli.EVAL_EVERY.present:
       config['eval_every'] = cli.EVAL_EVERY.value
   config.update(seed=cli.SEED.value, parallel=cli.PARALLEL.value,

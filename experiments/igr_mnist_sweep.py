@@ -24,6 +24,7 @@ width, then the 10-way output), settable with `num_layers`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import functools
 import json
 import os
 from typing import Any
@@ -55,7 +56,7 @@ def full_grid_config() -> dict[str, Any]:
       egr_coefficients=[],        # μ > 0: extra EGR runs over the same grid
       egr_widths=None,            # EGR runs on these widths (None: all widths)
       egr_learning_rates=None,    # ... and these rates (None: all rates)
-      egr_method='finite_difference',
+      egr_method='double_backprop',
       num_layers=5,               # linear layers (num_layers − 1 hidden ReLU)
       batch_size=512,
       num_steps=20000,            # ≈ 170 epochs of 60,000 examples
@@ -150,9 +151,12 @@ def _summed_gradient(model):
   return summed
 
 
-def full_batch_gradient(model, params, batches) -> Any:
-  """∇L of the mean training loss over every example of `batches` (masked)."""
-  summed = _summed_gradient(model)
+def full_batch_gradient(model, params, batches, summed=None) -> Any:
+  """∇L of the mean training loss over every example of `batches` (masked).
+
+  `summed` is `_summed_gradient(model)`, compiled once by the caller if given.
+  """
+  summed = summed or _summed_gradient(model)
   total, count = None, 0.0
   for batch in batches:
     mask = np.asarray(batch.get('mask', np.ones(len(batch['label']), bool)),
@@ -168,9 +172,16 @@ def _subset(arrays, size):
   return arrays if not size else {k: v[:size] for k, v in arrays.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def _model_and_functions(width, num_layers):
+  """One model and its compiled evaluation functions per architecture."""
+  model = mlp(width, num_layers)
+  return model, _per_example_metrics(model), _summed_gradient(model)
+
+
 def train_one(config, arrays, width, learning_rate, coefficient, workdir):
   """Trains one MLP; returns its results dict."""
-  model = mlp(width, config['num_layers'])
+  model, per_example, summed = _model_and_functions(width, config['num_layers'])
   grad_fn = gr.gradient_penalty_grad_fn(
       classification_loss(model), coefficient=coefficient,
       learning_rate=learning_rate, method=config['egr_method'])
@@ -183,7 +194,6 @@ def train_one(config, arrays, width, learning_rate, coefficient, workdir):
       num_steps=config['num_steps'], seed=config['seed'],
       parallel=config['parallel'], log_every=config['log_every'],
       checkpoint_every=0, tensorboard=False)
-  per_example = _per_example_metrics(model)
   evaluate = lambda split: train.evaluate(  # noqa: E731
       per_example, state.params, state.model_state,
       data.mnist_iterator(split, config['eval_batch_size'], mode='eval',
@@ -192,7 +202,7 @@ def train_one(config, arrays, width, learning_rate, coefficient, workdir):
   grads = full_batch_gradient(
       model, state.params,
       data.mnist_iterator('train', config['eval_batch_size'], mode='eval',
-                          arrays=arrays['train']))
+                          arrays=arrays['train']), summed)
   m = gr.num_parameters(state.params)
   last = [r for r in history if r['split'] == 'train'][-1]
   return dict(
@@ -309,7 +319,7 @@ def define_flags():
   flags.DEFINE_list('learning_rates', None, 'SGD learning rates h.')
   flags.DEFINE_list('egr_coefficients', [], 'μ > 0 values of extra EGR runs '
                     '(coefficient on ‖∇L‖², sum over parameters).')
-  flags.DEFINE_enum('egr_method', 'finite_difference', list(gr.METHODS),
+  flags.DEFINE_enum('egr_method', 'double_backprop', list(gr.METHODS),
                     'How the EGR gradient is computed.')
   flags.DEFINE_integer('num_steps', None, 'SGD steps per run.')
   flags.DEFINE_integer('batch_size', 512, 'Global batch size.')

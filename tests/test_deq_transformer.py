@@ -8,10 +8,12 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments import deq_wikitext as exp
 from jreg import deq
+from jreg import train
 from jreg.models import deq_transformer as dtm
 
 TINY = dtm.TransformerConfig(
@@ -243,39 +245,35 @@ def test_jacobian_weight_schedule_steps_from_init_to_final():
 # ----------------------------------------------------------------------------
 # Data parallelism: per-device memory under pmap equals the single-device run.
 
-def test_pmap_keeps_per_stream_memory(tmp_path):
+def test_pmap_keeps_per_stream_memory():
+  """Two jreg.train steps in 'pmap' mode (4 devices) give the parameters and
+  the per-stream memory of the 'single' mode."""
   config = dict(exp.quickstart_config(), vocab_size=50, train_batch_size=4,
                 train_seq_len=6, model_cutoffs=(10, 30), model_dropout=0.0,
                 model_dropatt=0.0, model_mem_len=6, model_architecture='transformer_xl',
                 model_n_layer=1)
   built = exp.build(config)
-  params, state = built.init_fn(jax.random.PRNGKey(0))
   rng = np.random.default_rng(5)
   batches = [{'inputs': rng.integers(0, 50, (4, 6)).astype(np.int32),
               'targets': rng.integers(0, 50, (4, 6)).astype(np.int32)} for _ in range(2)]
-  single_state = state
-  for batch in batches:
-    (_, (single_state, _)), single_grads = built.grad_fn(params, single_state,
-                                                         jax.random.PRNGKey(1), batch)
-  n = 4
-  def device_step(p, s, r, b):   # what jreg.train's pmap mode does
-    (loss, (s, metrics)), grads = built.grad_fn(p, s, r, b, 'data')
-    return jax.lax.pmean((s, grads), 'data')
-
-  pmapped = jax.pmap(device_step, axis_name='data')
-  replicate = lambda t: jax.device_put_replicated(t, jax.local_devices()[:n])
-  p_state = replicate(state)
-  for batch in batches:
-    sharded = jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch)
-    p_state, p_grads = pmapped(replicate(params), p_state,
-                               replicate(jax.random.PRNGKey(1)), sharded)
-  for device in range(n):
-    for a, b in zip(jax.tree.leaves(single_state),
-                    jax.tree.leaves(jax.tree.map(lambda x: x[device], p_state))):
+  optimizer = optax.sgd(0.5)
+  final = {}
+  for mode in ('single', 'pmap'):
+    par = train.Parallel(mode)
+    state = par.put_state(train.init_state(built.init_fn, optimizer, seed=0))
+    update = par.compile(train.make_update(built.grad_fn, optimizer, par.axis_name))
+    for batch in batches:
+      state, _ = update(state, par.put_batch(batch))
+    final[mode] = par.get(state)
+  memory = final['single'].model_state['deq_transformer_lm']
+  assert float(memory['memory_length']) == 6
+  assert float(np.abs(memory['memory_layers']).max()) > 0
+  for part in ('params', 'model_state'):
+    single = getattr(final['single'], part)
+    pmapped = getattr(final['pmap'], part)
+    assert jax.tree.structure(single) == jax.tree.structure(pmapped)
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(pmapped)):
       np.testing.assert_allclose(a, b, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(single_grads),
-                  jax.tree.leaves(jax.tree.map(lambda x: x[0], p_grads))):
-    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import functools
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
 import pytest
@@ -94,7 +95,7 @@ def test_mlp_penalised_gradient_matches_finite_differences_of_penalised_loss():
   with jax.enable_x64(True):
     params, x, y = _mlp_problem()
     mu = 0.2
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    flat, unravel = ravel_pytree(params)
     objective = jax.jit(lambda v: _penalised_loss(unravel(v), x, y, mu))
     step = 1e-5
     eye = np.eye(flat.size)
@@ -104,7 +105,7 @@ def test_mlp_penalised_gradient_matches_finite_differences_of_penalised_loss():
     for method in ('double_backprop', 'hvp'):
       _, grads = jax.jit(gr.penalized_value_and_grad(
           _mlp_loss, coefficient=mu, method=method))(params, x, y)
-      got = jax.flatten_util.ravel_pytree(grads)[0]
+      got = ravel_pytree(grads)[0]
       np.testing.assert_allclose(got, numeric, rtol=1e-6, atol=1e-8)
 
 
@@ -308,7 +309,7 @@ def test_batchnorm_state_updated_once(method):
   def objective(p):
     inner = lambda q: _bn_loss(q, state, rng, batch)[0]  # noqa: E731
     return inner(p) + mu * gr.gradient_norm_sq(jax.grad(inner)(p))
-  reference = jax.grad(objective)(params)
+  reference = jax.jit(jax.grad(objective))(params)
   tol = 2e-2 if method == 'finite_difference' else 1e-4
   assert _max_abs_diff(grads, reference) < tol * _max_abs(reference)
   assert float(metrics['mse']) == pytest.approx(float(plain_loss), rel=1e-6)
@@ -319,7 +320,7 @@ def test_grad_fn_metrics_and_zero_coefficient():
   rng = jax.random.PRNGKey(1)
   h, mu = 0.1, 0.25
   m = gr.num_parameters(params)
-  plain = jax.grad(lambda p: _bn_loss(p, state, rng, batch)[0])(params)
+  plain = jax.jit(jax.grad(lambda p: _bn_loss(p, state, rng, batch)[0]))(params)
   norm_sq = float(gr.gradient_norm_sq(plain))
   grad_fn = jax.jit(gr.gradient_penalty_grad_fn(
       _bn_loss, regularization_rate=mu * m, learning_rate=h))
@@ -347,20 +348,21 @@ def test_grad_fn_with_microbatches_and_optax():
   (loss, (new_state, metrics)), grads = grad_fn(params, state, rng, batch)
   keys = jax.random.split(rng, k)
   halves = [jax.tree.map(lambda a: a[j * 8:(j + 1) * 8], batch) for j in range(k)]
-  outs = [jax.value_and_grad(_bn_loss, has_aux=True)(params, state, keys[j],
-                                                       halves[j])
-          for j in range(k)]
+  plain_fn = jax.jit(jax.value_and_grad(_bn_loss, has_aux=True))
+  outs = [plain_fn(params, state, keys[j], halves[j]) for j in range(k)]
   np.testing.assert_allclose(loss, np.mean([o[0][0] for o in outs]), rtol=1e-6)
   mean_state = jax.tree.map(lambda a, b: (a + b) / 2, outs[0][0][1][0],
                             outs[1][0][1][0])
   assert _max_abs_diff(new_state, mean_state) < 1e-6
 
+  @jax.jit
   def objective(p, half, key):
     inner = lambda q: _bn_loss(q, state, key, half)[0]  # noqa: E731
     return inner(p) + mu * gr.gradient_norm_sq(jax.grad(inner)(p))
+  objective_grad = jax.jit(jax.grad(objective))
   reference = jax.tree.map(
       lambda a, b: (a + b) / 2,
-      *[jax.grad(objective)(params, halves[j], keys[j]) for j in range(k)])
+      *[objective_grad(params, halves[j], keys[j]) for j in range(k)])
   assert _max_abs_diff(grads, reference) < 1e-4 * _max_abs(reference)
   np.testing.assert_allclose(
       metrics['penalty'],
@@ -372,3 +374,65 @@ def test_grad_fn_with_microbatches_and_optax():
   before = np.mean([objective(params, halves[j], keys[j]) for j in range(k)])
   after = np.mean([objective(new_params, halves[j], keys[j]) for j in range(k)])
   assert after < before
+
+
+# --- through the engine: jreg.train.fit in its three parallel modes ---------
+
+
+def _fit_tiny(tmp_path, name, parallel, **penalty):
+  from jreg import data  # pylint: disable=g-import-not-at-top
+  from jreg import train  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  arrays = {'x': rng.normal(size=(64, 3)).astype(np.float32),
+            'y': rng.normal(size=(64, 2)).astype(np.float32)}
+  params0 = jax.tree.map(lambda v: np.asarray(v, np.float32),
+                         _mlp_problem(np.float32)[0])
+
+  def loss_fn(params, model_state, rng_key, batch):
+    del rng_key
+    loss = _mlp_loss(params, batch['x'], batch['y'])
+    return loss, (model_state, {})
+
+  state, history = train.fit(
+      workdir=str(tmp_path / name), init_fn=lambda _: (params0, {}),
+      grad_fn=gr.gradient_penalty_grad_fn(loss_fn, learning_rate=0.1,
+                                          **penalty),
+      optimizer=optax.sgd(0.1),
+      train_iter=data.ArrayIterator(arrays, 16, seed=0), num_steps=3,
+      parallel=parallel, log_every=1, tensorboard=False)
+  return state.params, history
+
+
+def test_engine_parallel_modes(tmp_path):
+  """Global penalty: single == sharded == pmap; per-device penalty under pmap
+  == the 4-microbatch penalty on one device."""
+  common = dict(coefficient=0.5, method='hvp')
+  single, history = _fit_tiny(tmp_path, 'single', 'single', **common)
+  sharded, _ = _fit_tiny(tmp_path, 'sharded', 'sharded', **common)
+  pmapped, pmap_history = _fit_tiny(tmp_path, 'pmap', 'pmap', **common)
+  assert _max_abs_diff(sharded, single) < 1e-5
+  assert _max_abs_diff(pmapped, single) < 1e-5
+  for key in ('r_ig', 'grad_norm_sq', 'igr_rate', 'penalty'):
+    assert history[0][key] == pytest.approx(pmap_history[0][key], rel=1e-4)
+  per_device, _ = _fit_tiny(tmp_path, 'per_device', 'pmap',
+                            data_parallel='per_device', **common)
+  microbatch, _ = _fit_tiny(tmp_path, 'microbatch', 'single',
+                            num_microbatches=4, **common)
+  assert _max_abs_diff(per_device, microbatch) < 1e-5
+  assert _max_abs_diff(per_device, single) > 1e-4
+
+
+def test_pmap_global_penalty_with_microbatches():
+  """Global + k microbatches: microbatch j gathers slice j of every device."""
+  params, x, y = _mlp_problem(np.float32)
+  mu, devices, k = 0.3, 4, 2
+  f = gr.penalized_value_and_grad(_mlp_loss, coefficient=mu, axis_name='i',
+                                  num_microbatches=k, microbatch_argnums=(1, 2))
+  _, grads = jax.pmap(f, axis_name='i', in_axes=(None, 0, 0))(
+      params, x.reshape(devices, -1, 3), y.reshape(devices, -1, 2))
+  xs, ys = x.reshape(devices, k, -1, 3), y.reshape(devices, k, -1, 2)
+  single = jax.jit(gr.penalized_value_and_grad(_mlp_loss, coefficient=mu))
+  expected = jax.tree.map(lambda *g: sum(g) / k, *[
+      single(params, xs[:, j].reshape(-1, 3), ys[:, j].reshape(-1, 2))[1]
+      for j in range(k)])
+  assert _max_abs_diff(jax.tree.map(lambda g: g[0], grads), expected) < 1e-5

@@ -163,6 +163,36 @@ def fixed_point(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
   return _fixed_point(cell, forward, backward, params, x, z0, stats_probe)
 
 
+@jax.custom_vjp
+def _report_through_probe(z, stats_probe, values):
+  del stats_probe, values
+  return z
+
+
+def _report_fwd(z, stats_probe, values):
+  del stats_probe
+  return z, values
+
+
+def _report_bwd(values, g):
+  return g, values, jnp.zeros_like(values)
+
+
+_report_through_probe.defvjp(_report_fwd, _report_bwd)
+
+
+def report_exact_backward(z: PyTree, stats_probe: jax.Array,
+                          num_vjps: int) -> PyTree:
+  """Identity on z whose backward reports [num_vjps, 0, 0, 1] to the probe.
+
+  For layers differentiated by ordinary backprop (unrolled pre-training):
+  the backward costs `num_vjps` cell VJPs and solves nothing, so its residual
+  is 0 and it counts as converged.
+  """
+  values = jnp.array([num_vjps, 0.0, 0.0, 1.0], stats_probe.dtype)
+  return _report_through_probe(z, stats_probe, values)
+
+
 def unrolled_fixed_point(cell, params, x, z0, num_steps: int, *,
                          tol: float = 0.0, stop_mode: str = 'rel'):
   """Weight-tied unrolled pre-training: z_{k+1} = cell(params, z_k, x), k < N.

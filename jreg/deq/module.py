@@ -38,8 +38,10 @@ class DEQ(hk.Module):
     forward_nfe, forward_abs_residual, forward_rel_residual (batch means),
     forward_converged_fraction, forward_unconverged (count of examples whose
     residual is above tol: never hidden);
-    backward_nfe (only for 'phantom'/'jfb', where it is a constant; for
-    'implicit' the backward stats come from `jreg.deq.value_and_grad`);
+    backward_nfe (only for 'phantom'/'jfb', where it is a constant, and for
+    unrolled calls without a probe: N; with backward mode 'implicit' the
+    backward stats come from `jreg.deq.value_and_grad`, and an unrolled call
+    reports N VJPs, residual 0, converged 1 there);
     jacobian_loss and jacobian_applied (when requested);
     spectral_radius (batch mean, when requested).
   """
@@ -114,6 +116,11 @@ class DEQ(hk.Module):
       z_star, stats = implicit.unrolled_fixed_point(
           cell, params, x, z0, self.unrolled_steps,
           tol=self.forward_config.tol, stop_mode=self.forward_config.stop_mode)
+      if probe is not None:
+        z_star = implicit.report_exact_backward(z_star, probe,
+                                                self.unrolled_steps)
+      else:
+        info['backward_nfe'] = jnp.asarray(self.unrolled_steps, jnp.float32)
     else:
       z_star, stats = implicit.fixed_point(
           cell, params, x, z0, forward=self.forward_config,
@@ -146,14 +153,17 @@ class DEQ(hk.Module):
 
 
 def step_count(increment: bool) -> jax.Array:
-  """A Haiku-state counter of training calls (int32 []), for schedules.
+  """A Haiku-state counter of training calls (float32 []), for schedules.
 
   The `loss_fn` contract carries no step, so DEQ losses that schedule the
   Jacobian weight gamma(step) or probability p(step) keep their own count in
   the model state: this returns the count *before* this call and, when
   `increment` (training), stores count + 1. Needs `hk.transform_with_state`.
+  Stored as float32 (exact to 2**24 steps) because `jreg.train`'s pmap mode
+  averages the model state with `lax.pmean`, which would turn an int into a
+  float and change the state's dtype.
   """
-  count = hk.get_state('step_count', [], jnp.int32, init=jnp.zeros)
+  count = hk.get_state('step_count', [], jnp.float32, init=jnp.zeros)
   if increment and not hk.running_init():
     hk.set_state('step_count', count + 1)
   return count

@@ -260,28 +260,38 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
 
   def init():
     fz = ff(flat0)
-    xs = jnp.zeros((batch, m, dim), flat0.dtype).at[:, 0].set(flat0)  # [B, m, D]
-    fs = jnp.zeros((batch, m, dim), flat0.dtype).at[:, 0].set(fz)     # [B, m, D]
-    return (xs, fs, jnp.asarray(1, jnp.int32)), _init_best(flat0, fz), 1
+    g = fz - flat0
+    fs = jnp.zeros((batch, m, dim), flat0.dtype).at[:, 0].set(fz)  # [B, m, D]
+    gs = jnp.zeros((batch, m, dim), flat0.dtype).at[:, 0].set(g)   # [B, m, D]
+    g32 = g.astype(jnp.float32)
+    gram = jnp.zeros((batch, m, m), jnp.float32).at[:, 0, 0].set(
+        jnp.sum(g32 * g32, axis=-1))                                 # [B, m, m]
+    return (fs, gs, gram, jnp.asarray(1, jnp.int32)), _init_best(flat0, fz), 1
 
   def step(carry, best):
-    xs, fs, k = carry
+    fs, gs, gram, k = carry
     valid = (jnp.arange(m) < jnp.minimum(k, m)).astype(jnp.float32)  # [m]
-    g = (fs - xs).astype(jnp.float32)                                  # [B, m, D]
-    gram = jnp.einsum('bid,bjd->bij', g, g) + ridge * jnp.eye(m)       # [B, m, m]
     system = jnp.zeros((batch, m + 1, m + 1), jnp.float32)
     system = system.at[:, 0, 1:].set(valid).at[:, 1:, 0].set(valid)
-    system = system.at[:, 1:, 1:].set(gram)
+    system = system.at[:, 1:, 1:].set(gram + ridge * jnp.eye(m))
     rhs = jnp.zeros((batch, m + 1), jnp.float32).at[:, 0].set(1.0)
     alpha = jnp.linalg.solve(system, rhs[..., None])[:, 1:, 0]         # [B, m]
     alpha = alpha.astype(flat0.dtype)
-    z = (damping * jnp.einsum('bi,bid->bd', alpha, fs) +
-         (1.0 - damping) * jnp.einsum('bi,bid->bd', alpha, xs))
+    # sum_i alpha_i z_i = sum_i alpha_i (f(z_i) - G_i), so only F and G are kept.
+    z = jnp.einsum('bi,bid->bd', alpha, fs)
+    if damping != 1.0:
+      z = z - (1.0 - damping) * jnp.einsum('bi,bid->bd', alpha, gs)
     fz = ff(z)
+    g = fz - z
     slot = k % m
-    xs = lax.dynamic_update_index_in_dim(xs, z, slot, axis=1)
     fs = lax.dynamic_update_index_in_dim(fs, fz, slot, axis=1)
-    return (xs, fs, k + 1), _update_best(best, z, fz, stop_mode)
+    gs = lax.dynamic_update_index_in_dim(gs, g, slot, axis=1)
+    # Only the new row/column of the Gram matrix G G^T changes.
+    row = jnp.einsum('bid,bd->bi', gs.astype(jnp.float32),
+                     g.astype(jnp.float32))                            # [B, m]
+    gram = lax.dynamic_update_index_in_dim(gram, row[:, None, :], slot, axis=1)
+    gram = lax.dynamic_update_index_in_dim(gram, row[:, :, None], slot, axis=2)
+    return (fs, gs, gram, k + 1), _update_best(best, z, fz, stop_mode)
 
   z, stats = _run(init, step, max_iter, tol, stop_mode, unroll)
   return unflatten(z), stats

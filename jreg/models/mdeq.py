@@ -107,7 +107,8 @@ def mdeq_config(name: str) -> MDEQConfig:
         `cls_mdeq_SMALL_reg.yaml`: channels [32, 64, 128, 256], two stride-2
         stem convs, head [28, 56, 112, 224] -> 2048, dropout 0.02, 5 layers).
       'cifar10_small': a reduced CIFAR-10 model for the 2-core reduced-scale
-        runs (3 scales [8, 16, 32], expansion 2).
+        runs (3 scales [8, 16, 32], expansion 2, one stride-2 stem conv so
+        that the finest equilibrium is 16x16).
       'tiny': a 2-scale model with 8x8 inputs for tests.
 
   Returns:
@@ -127,7 +128,7 @@ def mdeq_config(name: str) -> MDEQConfig:
       'cifar10_small': MDEQConfig(
           num_channels=(8, 16, 32), head_channels=(4, 8, 16),
           final_channels=128, num_classes=10, expansion=2.0, num_groups=4,
-          dropout=0.0, weight_norm=True, downsample_times=0, num_layers=4,
+          dropout=0.0, weight_norm=True, downsample_times=1, num_layers=4,
           image_size=32),
       'tiny': MDEQConfig(
           num_channels=(4, 8), head_channels=(2, 4), final_channels=16,

@@ -1,0 +1,212 @@
+r"""Training-step time and memory of DEQs with and without Jacobian
+regularisation, against explicit networks of similar size.
+
+Bai, Koltun & Kolter (ICML 2021), Sec. 5 and Fig. 1 / Table 1: the Jacobian
+term costs about 25-30% more memory per step and, by cutting the NFE the
+solvers need, makes DEQs nearly as fast as explicit networks. This benchmark
+measures, in one process and one run, for every case:
+
+  * `step_time_s`: the median wall time of a full training step (gradient +
+    Adam update, `jreg.train.make_update`, jitted), after `warmup` steps;
+  * `memory_bytes`: the compiled step's `memory_analysis()`: temp +
+    argument + output bytes (what XLA plans for one step: on CPU there is no
+    peak-memory counter, and on an accelerator the device's
+    `peak_bytes_in_use`, also reported as `device_peak_bytes_so_far`, is a
+    process-wide high-water mark that later cases cannot lower);
+  * the forward / backward NFE of the step, and the parameter count.
+
+Cases (extensible: `CASES` maps a name to a function returning a `Case`):
+  mdeq          the small CIFAR-10 MDEQ (`deq_cifar10.small_config()`),
+                no Jacobian term;
+  mdeq_jr       the same with the Jacobian term on every step (p = 1; the
+                cost at p < 1 is (1 - p) * mdeq + p * mdeq_jr in time);
+  mdeq_explicit the MDEQ cell unrolled L times with untied weights, width
+                shrunk to a similar parameter count (`ExplicitMDEQ`);
+  deqtx, deqtx_jr, deqtx_explicit
+                the DEQ-Transformer of `experiments.deq_wikitext`
+                (`small_config()`, its `build` contract) likewise, and its
+                explicit Transformer-XL stack (`explicit_config`).
+The solvers run their whole budget (tolerance 0) so that every step does the
+same work. Ratios (`summary`) are taken within this run.
+
+    python -m experiments.bench_deq_models --steps=5 > bench.json
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable, NamedTuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jreg import train
+from jreg.models import mdeq
+
+
+class Case(NamedTuple):
+  """One benchmarked network: its jreg.train functions and a batch."""
+  init_fn: Callable   # rng -> (params, model_state)
+  grad_fn: Callable   # jreg.train grad_fn contract
+  batch: dict         # one global batch of NumPy arrays
+  info: dict          # what to print about the case
+
+
+def _mdeq_case(jacobian: bool, network: str = 'mdeq',
+               overrides: dict | None = None) -> Case:
+  from experiments import deq_cifar10  # pylint: disable=g-import-not-at-top
+  config = dict(deq_cifar10.small_config(), network=network,
+                solver_tol=1e-12, **(overrides or {}))
+  config.update(jacobian_weight=0.5 if jacobian else 0.0,
+                jacobian_weight_final=0.5 if jacobian else 0.0,
+                jacobian_prob=1.0, jacobian_prob_final=1.0)
+  fns = deq_cifar10.build(config)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(config['batch_size'], 32, 32, 3)
+                               ).astype(np.float32),
+           'label': rng.integers(0, 10, config['batch_size']).astype(np.int32)}
+  info = dict(model=config['model'], batch_size=config['batch_size'],
+              forward_nfe_budget=config['forward_nfe'],
+              backward_nfe_budget=config['backward_nfe'])
+  return Case(fns.init_fn, fns.grad_fn, batch, info)
+
+
+def _deqtx_case(jacobian: bool, explicit: bool = False,
+                overrides: dict | None = None) -> Case:
+  from experiments import deq_wikitext  # pylint: disable=g-import-not-at-top
+  config = dict(deq_wikitext.small_config(), deq_tol=1e-12,
+                **(overrides or {}))
+  if not jacobian:
+    config.update(jacobian_weight_init=0.0, jacobian_weight_final=0.0)
+  else:
+    config.update(jacobian_probability=1.0)
+  if explicit:
+    config = deq_wikitext.explicit_config(config)
+  built = deq_wikitext.build(config)
+  rng = np.random.default_rng(0)
+  shape = (config['train_batch_size'], config['train_seq_len'])
+  tokens = rng.integers(0, config['vocab_size'], shape).astype(np.int32)
+  batch = {'inputs': tokens, 'targets': np.roll(tokens, -1, axis=1)}
+  info = dict(model='deq_transformer_small', batch_size=shape[0],
+              seq_len=shape[1], forward_nfe_budget=config['deq_forward_nfe'],
+              backward_nfe_budget=config['deq_backward_nfe'])
+  return Case(built.init_fn, built.grad_fn, batch, info)
+
+
+# name -> (builder, group, role); a new case is one more entry.
+CASES: dict[str, tuple[Callable[[], Case], str, str]] = {
+    'mdeq': (lambda: _mdeq_case(False), 'mdeq', 'deq'),
+    'mdeq_jr': (lambda: _mdeq_case(True), 'mdeq', 'deq_jr'),
+    'mdeq_explicit': (lambda: _mdeq_case(False, 'explicit'), 'mdeq',
+                      'explicit'),
+    'deqtx': (lambda: _deqtx_case(False), 'deqtx', 'deq'),
+    'deqtx_jr': (lambda: _deqtx_case(True), 'deqtx', 'deq_jr'),
+    'deqtx_explicit': (lambda: _deqtx_case(False, explicit=True), 'deqtx',
+                       'explicit'),
+}
+
+
+def _memory(compiled, device) -> dict[str, Any]:
+  analysis = compiled.memory_analysis()
+  out = {'memory_bytes': int(analysis.temp_size_in_bytes +
+                             analysis.argument_size_in_bytes +
+                             analysis.output_size_in_bytes),
+         'temp_bytes': int(analysis.temp_size_in_bytes),
+         'memory_source': 'compiled memory_analysis: temp + argument + output'}
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and 'peak_bytes_in_use' in stats:
+    out['device_peak_bytes_so_far'] = int(stats['peak_bytes_in_use'])
+  return out
+
+
+def measure(case: Case, steps: int, warmup: int) -> dict[str, Any]:
+  """Compiles one training step and times `steps` of them."""
+  optimizer = optax.adam(1e-3)
+  state = train.init_state(jax.jit(case.init_fn), optimizer, seed=0)
+  update = jax.jit(train.make_update(case.grad_fn, optimizer), donate_argnums=0)
+  batch = jax.device_put(case.batch)
+  start = time.perf_counter()
+  compiled = update.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  metrics = jax.device_get(metrics)
+  out = dict(case.info, step_time_s=statistics.median(times),
+             step_times_s=times, compile_s=compile_s,
+             num_params=mdeq.count_params(state.params),
+             **_memory(compiled, jax.devices()[0]))
+  for key in ('forward_nfe', 'backward_nfe', 'jacobian_applied', 'loss'):
+    if key in metrics:
+      out[key] = float(metrics[key])
+  return out
+
+
+def run(case_names, steps: int = 3, warmup: int = 1) -> dict[str, Any]:
+  """Measures every named case; returns {'cases', 'summary', 'device'}."""
+  unknown = sorted(set(case_names) - set(CASES))
+  if unknown:
+    raise ValueError(f'unknown cases {unknown}; known: {sorted(CASES)}.')
+  results, roles = {}, {}
+  for name in case_names:
+    builder, group, role = CASES[name]
+    logging.info('bench_deq_models: %s', name)
+    results[name] = measure(builder(), steps, warmup)
+    roles.setdefault(group, {})[role] = name
+  summary = {}
+  for group, members in roles.items():
+    ratios = {}
+    base = results.get(members.get('deq'))
+    jr = results.get(members.get('deq_jr'))
+    explicit = results.get(members.get('explicit'))
+    if base and jr:
+      ratios['jr_over_deq_memory'] = jr['memory_bytes'] / base['memory_bytes']
+      ratios['jr_over_deq_step_time'] = jr['step_time_s'] / base['step_time_s']
+    for label, deq_case in (('deq', base), ('deq_jr', jr)):
+      if deq_case and explicit:
+        ratios[f'{label}_over_explicit_step_time'] = (
+            deq_case['step_time_s'] / explicit['step_time_s'])
+        ratios[f'{label}_over_explicit_memory'] = (
+            deq_case['memory_bytes'] / explicit['memory_bytes'])
+    summary[group] = ratios
+  device = jax.devices()[0]
+  return dict(cases=results, summary=summary,
+              device=f'{device.platform}: {device.device_kind}',
+              steps=steps, warmup=warmup)
+
+
+def define_flags():
+  flags.DEFINE_list('cases', list(CASES), f'Cases, of {list(CASES)}.')
+  flags.DEFINE_integer('steps', 3, 'Timed steps per case.')
+  flags.DEFINE_integer('warmup', 1, 'Untimed steps after compiling.')
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if f.steps < 1 or f.warmup < 0:
+    raise app.UsageError('--steps must be >= 1 and --warmup >= 0.')
+  try:
+    results = run(f.cases, f.steps, f.warmup)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  json.dump(results, sys.stdout, indent=1)
+  print()
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
