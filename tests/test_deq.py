@@ -13,9 +13,9 @@ SOLVERS = ['fixed_point', 'anderson', 'broyden']
 
 
 def _linear_problem(batch=3, dim=5, seed=0):
-  """f(z) = A z + b per example, ||A||_2 = 0.6: exact z* = (I - A)^-1 b."""
+  """f(z) = A z + b per example, ||A||_2 = 0.5: exact z* = (I - A)^-1 b."""
   rng = np.random.RandomState(seed)
-  a = 0.6 * np.linalg.qr(rng.randn(dim, dim))[0]             # [D, D]
+  a = 0.5 * np.linalg.qr(rng.randn(dim, dim))[0]             # [D, D]
   b = rng.randn(batch, dim)                                   # [B, D]
   exact = np.linalg.solve(np.eye(dim) - a, b.T).T             # [B, D]
   return jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), exact
@@ -35,20 +35,21 @@ def tanh_cell(params, z, x):
   return jnp.tanh(z @ params['w'] + x @ params['u'] + params['b'])
 
 
-@pytest.mark.parametrize('name', SOLVERS)
-@pytest.mark.parametrize('unroll', [False, True])
+@pytest.mark.parametrize('name, unroll', [
+    ('fixed_point', False), ('anderson', False), ('broyden', False),
+    ('fixed_point', True)])  # `unroll` shares the loop driver of all solvers
 def test_solver_linear_map_exact_solution(name, unroll):
   a, b, exact = _linear_problem()
   f = lambda z: z @ a.T + b
-  config = deq.SolverConfig(name=name, max_iter=60, tol=1e-5, stop_mode='rel',
+  config = deq.SolverConfig(name=name, max_iter=30, tol=1e-5, stop_mode='rel',
                             unroll=unroll)
   z, stats = jax.jit(lambda z0: deq.solve(f, z0, config))(jnp.zeros_like(b))
   assert bool(stats.all_converged)
-  # For a contraction with constant q = 0.6: ||z - z*|| <= ||f(z) - z|| / (1 - q).
+  # For a contraction with constant q = 0.5: ||z - z*|| <= ||f(z) - z|| / (1 - q).
   error = np.linalg.norm(np.asarray(z) - exact, axis=-1)
-  assert np.all(error <= np.asarray(stats.abs_residual) / 0.4 + 1e-5)
+  assert np.all(error <= np.asarray(stats.abs_residual) / 0.5 + 1e-5)
   assert np.all(error < 2e-4)
-  assert 1 <= int(stats.nfe) <= 60
+  assert 1 <= int(stats.nfe) <= 30
   # The reported residuals are those of the returned point.
   fz = f(z)
   abs_res = np.linalg.norm(fz - z, axis=-1)
@@ -68,6 +69,10 @@ def test_accelerated_solvers_need_fewer_evaluations():
     nfe[name] = int(stats.nfe)
   assert nfe['anderson'] < nfe['fixed_point']
   assert nfe['broyden'] < nfe['fixed_point']
+  # The reference's absolute ridge stalls Anderson on this small problem.
+  _, stats = deq.solve(f, jnp.zeros_like(b), deq.SolverConfig(
+      name='anderson', max_iter=60, tol=1e-5, ridge_relative=False))
+  assert int(stats.nfe) > nfe['anderson']
 
 
 @pytest.mark.parametrize('name', SOLVERS)
@@ -114,8 +119,9 @@ def test_batch_stops_when_all_examples_converged():
   _, stats = deq.fixed_point_iteration(f, jnp.zeros((2, 1)), max_iter=100,
                                        tol=1e-3, stop_mode='abs')
   assert bool(stats.all_converged)
-  # 0.5^k < 1e-3 * 0.5 first at k = 11: 1 + 11 evaluations, not the budget.
-  assert int(stats.nfe) == 12
+  # Example 1's residual at z_k is 0.5^k <= 1e-3 first at k = 10: the batch
+  # stops after evaluating z_0..z_10 (11 evaluations), not at the budget.
+  assert int(stats.nfe) == 11
 
 
 # ---------------------------------------------------------------- gradients
@@ -133,10 +139,17 @@ def _implicit_loss(backward):
 
 
 def _unrolled_loss(params, x, steps=200):
-  z = jnp.zeros((x.shape[0], 4))
-  for _ in range(steps):
-    z = tanh_cell(params, z, x)
+  z = jax.lax.fori_loop(0, steps, lambda _, z: tanh_cell(params, z, x),
+                        jnp.zeros((x.shape[0], 4)))
   return jnp.sum(jnp.sin(z))
+
+
+@pytest.fixture(scope='module')
+def unrolled_reference():
+  """Autodiff through 200 iterations (q = 0.5: exact to float32)."""
+  params = _tanh_params()
+  x = jnp.asarray(np.random.RandomState(3).randn(5, 3), jnp.float32)
+  return params, x, jax.jit(jax.grad(_unrolled_loss, argnums=(0, 1)))(params, x)
 
 
 IMPLICIT = deq.BackwardConfig(mode='implicit', solver=deq.SolverConfig(
@@ -144,12 +157,10 @@ IMPLICIT = deq.BackwardConfig(mode='implicit', solver=deq.SolverConfig(
 
 
 @pytest.mark.parametrize('solver', ['fixed_point', 'anderson', 'broyden'])
-def test_implicit_gradient_matches_unrolled_autodiff(solver):
-  params = _tanh_params()
-  x = jnp.asarray(np.random.RandomState(3).randn(5, 3), jnp.float32)
+def test_implicit_gradient_matches_unrolled_autodiff(solver, unrolled_reference):
+  params, x, want = unrolled_reference
   backward = IMPLICIT._replace(solver=IMPLICIT.solver._replace(name=solver))
   got = jax.jit(jax.grad(_implicit_loss(backward), argnums=(0, 1)))(params, x)
-  want = jax.jit(jax.grad(_unrolled_loss, argnums=(0, 1)))(params, x)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
@@ -169,6 +180,7 @@ def test_implicit_gradient_matches_finite_differences():
       return jnp.sum(jnp.sin(z) * jnp.arange(1.0, 5.0))
 
     grads = jax.grad(loss, argnums=(0, 1))(params, x)
+    loss = jax.jit(loss)
     eps = 1e-6
     for key in ('w', 'u', 'b'):
       flat = np.asarray(params[key]).ravel()
@@ -191,7 +203,7 @@ def test_phantom_and_jfb_gradients():
   x = jnp.asarray(np.random.RandomState(5).randn(3, 3), jnp.float32)
   exact = jax.grad(_implicit_loss(IMPLICIT))(params, x)
   # Many undamped phantom steps converge to the implicit gradient.
-  long_phantom = deq.BackwardConfig(mode='phantom', phantom_steps=150,
+  long_phantom = deq.BackwardConfig(mode='phantom', phantom_steps=25,
                                     phantom_damping=1.0)
   phantom = jax.jit(jax.grad(_implicit_loss(long_phantom)))(params, x)
   for g, w in zip(jax.tree.leaves(phantom), jax.tree.leaves(exact)):
@@ -326,7 +338,6 @@ def _model(unrolled, jacobian=True):
 
 
 IMPLICIT_MODEL, UNROLLED_MODEL = _model(False), _model(True)
-# Per-device Hutchinson vectors differ under pmap, so pmap is compared without.
 IMPLICIT_NO_JR, UNROLLED_NO_JR = _model(False, False), _model(True, False)
 
 
@@ -429,48 +440,61 @@ def test_module_spectral_radius_info():
   assert 0 < float(info['spectral_radius']) < 1  # a converging contraction
 
 
-@pytest.mark.parametrize('parallel', ['sharded', 'pmap'])
-def test_module_trains_same_in_parallel_modes(parallel, tmp_path):
-  """Pre-training then implicit phase; single/sharded/pmap agree."""
+class _ListIterator:
+  """A tiny stand-in for a jreg.data iterator (next, get/set_state)."""
+
+  def __init__(self, batches):
+    self.batches, self.position = batches, 0
+
+  def __next__(self):
+    batch = self.batches[self.position % len(self.batches)]
+    self.position += 1
+    return batch
+
+  def get_state(self):
+    return {'position': self.position}
+
+  def set_state(self, state):
+    self.position = state['position']
+
+
+def _fit(parallel, jacobian, workdir):
+  """Pre-training (steps 1-2, unrolled) then the implicit layer (steps 3-4)."""
   batches = [_batch(8, seed=s) for s in range(4)]
-
-  class Iterator:
-    def __init__(self):
-      self.position = 0
-
-    def __next__(self):
-      batch = batches[self.position % len(batches)]
-      self.position += 1
-      return batch
-
-    def get_state(self):
-      return {'position': self.position}
-
-    def set_state(self, state):
-      self.position = state['position']
-
-  def init_fn(rng):
-    return IMPLICIT_MODEL.init(rng, batches[0], True)
-
-  models = ((UNROLLED_MODEL, IMPLICIT_MODEL) if parallel == 'sharded' else
+  models = ((UNROLLED_MODEL, IMPLICIT_MODEL) if jacobian else
             (UNROLLED_NO_JR, IMPLICIT_NO_JR))
   phases = [(2, deq.value_and_grad(_loss_fn(models[0]))),
             (4, deq.value_and_grad(_loss_fn(models[1])))]
-  results = {}
-  for mode in ('single', parallel):
-    state, history = train.fit(
-        workdir=str(tmp_path / mode), init_fn=init_fn, grad_fn=phases,
-        optimizer=optax.adam(1e-2), train_iter=Iterator(), num_steps=4,
-        seed=0, parallel=mode, log_every=1, tensorboard=False)
-    results[mode] = (state, history)
-  (s1, h1), (s2, h2) = results['single'], results[parallel]
+  init_fn = lambda rng: models[1].init(rng, batches[0], True)
+  state, history = train.fit(
+      workdir=str(workdir), init_fn=init_fn, grad_fn=phases,
+      optimizer=optax.adam(1e-2), train_iter=_ListIterator(batches),
+      num_steps=4, seed=0, parallel=parallel, log_every=1, tensorboard=False)
+  return state, [r for r in history if r['split'] == 'train'], init_fn
+
+
+@pytest.fixture(scope='module')
+def single_runs(tmp_path_factory):
+  return {jac: _fit('single', jac, tmp_path_factory.mktemp(f'single{jac}'))
+          for jac in (True, False)}
+
+
+# Per-device Hutchinson vectors and per-device solver stopping differ under
+# pmap, so pmap is compared on the model without the Jacobian term.
+@pytest.mark.parametrize('parallel, jacobian', [('sharded', True),
+                                                ('pmap', False)])
+def test_module_trains_same_in_parallel_modes(parallel, jacobian, single_runs,
+                                              tmp_path):
+  s1, records, init_fn = single_runs[jacobian]
+  s2, _, _ = _fit(parallel, jacobian, tmp_path)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
   initial = jax.tree.leaves(init_fn(jax.random.split(jax.random.PRNGKey(0))[0])[0])
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(s1.params),
                                                    initial))
-  train_records = [r for r in h1 if r['split'] == 'train']
-  assert [int(r['forward_nfe']) for r in train_records[:2]] == [6, 6]
-  assert [int(r['backward_nfe']) for r in train_records[:2]] == [6, 6]
-  assert train_records[-1]['backward_nfe'] >= 2
+  assert [int(r['forward_nfe']) for r in records[:2]] == [6, 6]
+  assert [int(r['backward_nfe']) for r in records[:2]] == [6, 6]
+  assert records[-1]['backward_nfe'] >= 2
+  assert records[-1]['forward_converged_fraction'] == 1.0
   assert float(s1.model_state['~']['step_count']) == 4.0
+  assert float(s2.model_state['~']['step_count']) == 4.0

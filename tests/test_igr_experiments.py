@@ -208,12 +208,17 @@ def test_egr_cifar10_rejects_bad_config(tmp_path):
 # --- the benchmark --------------------------------------------------------------
 
 
-def test_benchmark_runs_every_method(tmp_path):
+def test_benchmark_runs_every_method(tmp_path, shared_data):
   config = dict(bench_gradient_penalty.quickstart_config(), widths=[16],
-                batch_size=32, repeats=2, steps_per_repeat=1)
+                batch_size=32, repeats=2, steps_per_repeat=1, fd_width=16,
+                data_dir=str(shared_data))
   results = bench_gradient_penalty.run(config, str(tmp_path))
   (entry,) = results['widths']
   assert set(entry['ratio_to_plain']) == {'plain', *gr.METHODS}
   assert entry['ratio_to_plain']['plain'] == 1.0
   assert all(v > 0 for v in entry['median_seconds_per_step'].values())
+  accuracy = results['finite_difference_accuracy']
+  assert set(accuracy['relative_error_mean']) == {'0.01', '0.001'}
+  assert all(np.isfinite(v) and v > 0
+             for v in accuracy['relative_error_mean'].values())
   assert (tmp_path / 'results.json').exists()

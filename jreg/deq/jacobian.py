@@ -60,7 +60,9 @@ def jacobian_frobenius_estimate(f: Callable[[PyTree], PyTree], z_star: PyTree,
   for key in jax.random.split(rng, num_vectors):
     keys = jax.random.split(key, len(leaves))
     eps = jax.tree.unflatten(treedef, [
-        jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+        jax.random.normal(k, l.shape, l.dtype,
+                          out_sharding=jax.typeof(l).sharding)
+        for k, l in zip(keys, leaves)])
     (eps_j,) = vjp(eps)
     total = total + sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(eps_j))
   return total / (num_vectors * num_elements)
@@ -68,13 +70,14 @@ def jacobian_frobenius_estimate(f: Callable[[PyTree], PyTree], z_star: PyTree,
 
 def jacobian_frobenius_exact(f: Callable[[jax.Array], jax.Array],
                              z_star: jax.Array) -> jax.Array:
-  """Exact batch-mean ||J_f(z*)||_F^2 / d for a [B, d] state (small d; tests).
+  """Exact ||J_f(z*)||_F^2 / (B d) for a [B, d] state, via the full Jacobian.
 
-  Assumes f acts on each example independently (no batch mixing).
+  The full [B, d, B, d] Jacobian (cross-example terms included, zero for
+  models without batch mixing) is built with `jax.jacfwd`: small sizes only
+  (tests, monitoring of toy models).
   """
   batch, dim = z_star.shape
-  per_example = lambda z: f(z[None])[0]
-  jac = jax.vmap(jax.jacfwd(per_example))(z_star)  # [B, d, d]
+  jac = jax.jacfwd(f)(z_star)  # [B, d, B, d]
   return jnp.sum(jnp.square(jac)) / (batch * dim)
 
 
@@ -103,7 +106,8 @@ def spectral_radius(f: Callable[[PyTree], PyTree], z_star: PyTree,
   flat, unflatten = solvers.flatten_batch(z_star)
   _, jvp_fn = jax.linearize(lambda z: solvers.flatten_batch(f(unflatten(z)))[0],
                             flat)
-  v0 = jax.random.normal(rng, flat.shape, jnp.float32).astype(flat.dtype)
+  v0 = jax.random.normal(rng, flat.shape, flat.dtype,
+                         out_sharding=jax.typeof(flat).sharding)
   v0 = v0 / jnp.linalg.norm(v0, axis=-1, keepdims=True)
   start = num_iters // 2
 
@@ -116,7 +120,7 @@ def spectral_radius(f: Callable[[PyTree], PyTree], z_star: PyTree,
     return v, log_sum
 
   _, log_sum = lax.fori_loop(0, num_iters, body,
-                             (v0, jnp.zeros(flat.shape[0], jnp.float32)))
+                             (v0, jnp.zeros_like(flat[:, 0], jnp.float32)))
   return lax.stop_gradient(jnp.exp(log_sum / (num_iters - start)))
 
 

@@ -83,6 +83,9 @@ class SolverConfig(NamedTuple):
     stop_mode: 'abs' or 'rel' (see module docstring).
     history: Anderson history size m.
     ridge: Anderson Tikhonov term lambda (> 0).
+    ridge_relative: scale lambda by the mean of the diagonal of G G^T
+      (scale-free, as SciPy's `anderson` w0); False adds lambda as it is, as
+      locuslab/deq and torchdeq do.
     damping: Anderson beta / fixed-point step tau:
       z <- (1 - tau) z + tau f(z).
     broyden_rank: number of low-rank Broyden updates kept (oldest replaced);
@@ -98,6 +101,7 @@ class SolverConfig(NamedTuple):
   damping: float = 1.0
   broyden_rank: Optional[int] = None
   unroll: bool = False
+  ridge_relative: bool = True
 
 
 def flatten_batch(tree: PyTree):
@@ -127,10 +131,36 @@ def flatten_batch(tree: PyTree):
   return flat, unflatten
 
 
+def _batch_zeros(like: jax.Array, shape, dtype) -> jax.Array:
+  """Zeros of `shape` = (B, ...) sharded like `like`'s batch axis.
+
+  Built from `like` so that under explicit sharding (jreg.train's 'sharded'
+  mode) solver buffers carry the batch sharding of the state.
+  """
+  base = jnp.zeros_like(like[:, :1], dtype=dtype)  # [B, 1]
+  return jnp.broadcast_to(base.reshape((shape[0],) + (1,) * (len(shape) - 1)),
+                          shape)
+
+
+def _placed_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """x with ref's sharding type (x + 0 * ref; ref is f(z0), x is z0).
+
+  Under explicit sharding a z0 built inside the model (jnp.zeros) is
+  replicated while f(z0) is batch-sharded; the loop carry needs one type.
+  """
+  return x + jnp.zeros_like(ref)
+
+
+def _accumulation_dtype(dtype):
+  """float32 for low-precision states, else the state's own float type."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _residuals(fz, z):
   """Per-example abs and rel residuals of rows: [B] each."""
-  abs_res = jnp.linalg.norm((fz - z).astype(jnp.float32), axis=-1)
-  rel_res = abs_res / (jnp.linalg.norm(fz.astype(jnp.float32), axis=-1) + _EPS)
+  acc = _accumulation_dtype(fz.dtype)
+  abs_res = jnp.linalg.norm((fz - z).astype(acc), axis=-1)
+  rel_res = abs_res / (jnp.linalg.norm(fz.astype(acc), axis=-1) + _EPS)
   return abs_res, rel_res
 
 
@@ -212,7 +242,8 @@ def fixed_point_iteration(f: Callable[[PyTree], PyTree], z0: PyTree, *,
 
   def init():
     fz = ff(flat0)
-    return (flat0, fz), _init_best(flat0, fz), 1
+    z_init = _placed_like(flat0, fz)
+    return (z_init, fz), _init_best(z_init, fz), 1
 
   def step(carry, best):
     z, fz = carry
@@ -226,7 +257,8 @@ def fixed_point_iteration(f: Callable[[PyTree], PyTree], z0: PyTree, *,
 
 def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
              tol: float = 1e-3, stop_mode: str = 'rel', history: int = 5,
-             ridge: float = 1e-4, damping: float = 1.0, unroll: bool = False):
+             ridge: float = 1e-4, damping: float = 1.0, unroll: bool = False,
+             ridge_relative: bool = True):
   """Anderson acceleration (type II), as locuslab/deq `anderson`.
 
   With G_i = f(z_i) - z_i over the last n = min(k, m) points, solve
@@ -239,12 +271,20 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
   masked out of the system (their alpha is exactly 0), so the first step is a
   damped fixed-point step and the solve is fixed-size and jit-able.
 
+  Deviation (default `ridge_relative=True`): the reference adds lambda I as
+  is; once ||G||^2 << lambda (small states, tight tolerances) that term
+  dominates, alpha tends to uniform weights and Anderson becomes slower than
+  plain iteration (measured: 39 vs 24 evaluations on a 5-d linear map to
+  rel. tol 1e-5). Scaling lambda by mean_i ||G_i||^2 keeps the method
+  scale-invariant. `ridge_relative=False` reproduces the reference.
+
   Args:
     f: the map (batched pytree -> pytree).
     z0: initial point.
     history: m.
     ridge: lambda > 0.
     damping: beta.
+    ridge_relative: lambda relative to mean diag(G G^T) (see above).
     max_iter, tol, stop_mode, unroll: see `SolverConfig`.
 
   Returns:
@@ -257,24 +297,33 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
   ff = lambda z: flatten_batch(f(unflatten(z)))[0]
   batch, dim = flat0.shape
   m = history
+  acc = _accumulation_dtype(flat0.dtype)  # dtype of the small m x m system
 
   def init():
     fz = ff(flat0)
-    g = fz - flat0
-    fs = jnp.zeros((batch, m, dim), flat0.dtype).at[:, 0].set(fz)  # [B, m, D]
-    gs = jnp.zeros((batch, m, dim), flat0.dtype).at[:, 0].set(g)   # [B, m, D]
-    g32 = g.astype(jnp.float32)
-    gram = jnp.zeros((batch, m, m), jnp.float32).at[:, 0, 0].set(
+    z_init = _placed_like(flat0, fz)
+    g = fz - z_init
+    zeros = _batch_zeros(z_init, (batch, m, dim), z_init.dtype)
+    fs = zeros.at[:, 0].set(fz)                                      # [B, m, D]
+    gs = zeros.at[:, 0].set(g)                                       # [B, m, D]
+    g32 = g.astype(acc)
+    gram = _batch_zeros(z_init, (batch, m, m), acc).at[:, 0, 0].set(
         jnp.sum(g32 * g32, axis=-1))                                 # [B, m, m]
-    return (fs, gs, gram, jnp.asarray(1, jnp.int32)), _init_best(flat0, fz), 1
+    return (fs, gs, gram, jnp.asarray(1, jnp.int32)), _init_best(z_init, fz), 1
 
   def step(carry, best):
     fs, gs, gram, k = carry
-    valid = (jnp.arange(m) < jnp.minimum(k, m)).astype(jnp.float32)  # [m]
-    system = jnp.zeros((batch, m + 1, m + 1), jnp.float32)
+    valid = (jnp.arange(m) < jnp.minimum(k, m)).astype(acc)  # [m]
+    system = _batch_zeros(gram[:, 0], (batch, m + 1, m + 1), acc)
     system = system.at[:, 0, 1:].set(valid).at[:, 1:, 0].set(valid)
-    system = system.at[:, 1:, 1:].set(gram + ridge * jnp.eye(m))
-    rhs = jnp.zeros((batch, m + 1), jnp.float32).at[:, 0].set(1.0)
+    if ridge_relative:
+      diag = jnp.diagonal(gram, axis1=1, axis2=2)                      # [B, m]
+      scale = jnp.sum(diag * valid, -1) / jnp.sum(valid) + 1e-30       # [B]
+      regulariser = ridge * scale[:, None, None] * jnp.eye(m)
+    else:
+      regulariser = ridge * jnp.eye(m)
+    system = system.at[:, 1:, 1:].set(gram + regulariser)
+    rhs = _batch_zeros(gram[:, 0], (batch, m + 1), acc).at[:, 0].set(1.0)
     alpha = jnp.linalg.solve(system, rhs[..., None])[:, 1:, 0]         # [B, m]
     alpha = alpha.astype(flat0.dtype)
     # sum_i alpha_i z_i = sum_i alpha_i (f(z_i) - G_i), so only F and G are kept.
@@ -287,8 +336,8 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     fs = lax.dynamic_update_index_in_dim(fs, fz, slot, axis=1)
     gs = lax.dynamic_update_index_in_dim(gs, g, slot, axis=1)
     # Only the new row/column of the Gram matrix G G^T changes.
-    row = jnp.einsum('bid,bd->bi', gs.astype(jnp.float32),
-                     g.astype(jnp.float32))                            # [B, m]
+    row = jnp.einsum('bid,bd->bi', gs.astype(acc),
+                     g.astype(acc))                            # [B, m]
     gram = lax.dynamic_update_index_in_dim(gram, row[:, None, :], slot, axis=1)
     gram = lax.dynamic_update_index_in_dim(gram, row[:, :, None], slot, axis=2)
     return (fs, gs, gram, k + 1), _update_best(best, z, fz, stop_mode)
@@ -336,11 +385,12 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
 
   def init():
     fz = ff(flat0)
-    gz = fz - flat0
-    us = jnp.zeros((batch, r, dim), flat0.dtype)  # [B, r, D]
-    vs = jnp.zeros((batch, r, dim), flat0.dtype)  # [B, r, D]
-    carry = (flat0, gz, us, vs, gz, jnp.asarray(0, jnp.int32))
-    return carry, _init_best(flat0, fz), 1
+    z_init = _placed_like(flat0, fz)
+    gz = fz - z_init
+    us = _batch_zeros(z_init, (batch, r, dim), z_init.dtype)  # [B, r, D]
+    vs = _batch_zeros(z_init, (batch, r, dim), z_init.dtype)  # [B, r, D]
+    carry = (z_init, gz, us, vs, gz, jnp.asarray(0, jnp.int32))
+    return carry, _init_best(z_init, fz), 1
 
   def step(carry, best):
     z, gz, us, vs, update, k = carry
@@ -371,7 +421,8 @@ def solve(f: Callable[[PyTree], PyTree], z0: PyTree, config: SolverConfig):
     return fixed_point_iteration(f, z0, damping=config.damping, **common)
   if config.name == 'anderson':
     return anderson(f, z0, history=config.history, ridge=config.ridge,
-                    damping=config.damping, **common)
+                    damping=config.damping,
+                    ridge_relative=config.ridge_relative, **common)
   if config.name == 'broyden':
     return broyden(f, z0, rank=config.broyden_rank, **common)
   raise ValueError(f"Unknown solver {config.name!r}; use 'fixed_point', "
