@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jreg import cli
 import jreg.deq
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,23 +53,30 @@ REFERENCE = REPO.parent / 'shared' / 'bench' / 'torchdeq_reference.py'
 TORCH_PYTHON = REPO / '.venv-torchdeq' / 'bin' / 'python'
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('model', 'conv', ['conv', 'toy'], 'Which DEQ to time.')
-flags.DEFINE_integer('batch', 64, 'Batch size.')
-flags.DEFINE_integer('channels', 48, 'C (conv model).')
-flags.DEFINE_integer('inner', 64, 'I (conv model).')
-flags.DEFINE_integer('f_iters', 20, 'F: forward Anderson evaluations.')
-flags.DEFINE_integer('b_iters', 20, 'B: backward fixed-point VJPs.')
-flags.DEFINE_integer('steps', 20, 'Timed steps.')
-flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-flags.DEFINE_enum('backward_loop', 'unroll', ['unroll', 'while'],
-                  'Backward fixed-point loop: straight-line code or lax.while_loop.')
-flags.DEFINE_bool('reference', True, 'Also run torchdeq_reference.py.')
-flags.DEFINE_string('workdir', '', 'Where to write bench.json (optional).')
+
+
+def define_flags():
+  flags.DEFINE_enum('model', 'conv', ['conv', 'toy'], 'Which DEQ to time.')
+  flags.DEFINE_integer('batch', 64, 'Batch size.')
+  flags.DEFINE_integer('channels', 48, 'C (conv model).')
+  flags.DEFINE_integer('inner', 64, 'I (conv model).')
+  flags.DEFINE_integer('f_iters', 20, 'F: forward Anderson evaluations.')
+  flags.DEFINE_integer('b_iters', 20, 'B: backward fixed-point VJPs.')
+  flags.DEFINE_integer('steps', 20, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+  flags.DEFINE_enum('backward_loop', 'unroll', ['unroll', 'while'],
+                    'Backward fixed-point loop: straight-line code or '
+                    'lax.while_loop.')
+  flags.DEFINE_enum('forward_loop', 'while', ['unroll', 'while'],
+                    'Forward Anderson loop: straight-line code or '
+                    'lax.while_loop.')
+  flags.DEFINE_bool('reference', True, 'Also run torchdeq_reference.py.')
 
 
 def default_config():
   return dict(model='conv', batch=64, channels=48, inner=64, f_iters=20,
               b_iters=20, steps=20, warmup=3, backward_loop='unroll',
+              forward_loop='while',
               reference=True, seed=0)
 
 
@@ -114,8 +122,10 @@ def _make_cell(config):
 
 
 def _deq(config):
+  # ridge_relative=False: torchdeq's (absolute) Anderson regulariser.
   forward = jreg.deq.SolverConfig(name='anderson', max_iter=config['f_iters'],
-                                  tol=0.0, history=5)
+                                  tol=0.0, history=5, ridge_relative=False,
+                                  unroll=config['forward_loop'] == 'unroll')
   backward = jreg.deq.BackwardConfig(
       mode='implicit', solver=jreg.deq.SolverConfig(
           name='fixed_point', max_iter=config['b_iters'], tol=0.0,
@@ -254,6 +264,7 @@ def run(config, workdir):
       'framework': 'jax+jreg', 'jax': jax.__version__, 'model': config['model'],
       'batch': config['batch'], 'f_iters': config['f_iters'],
       'b_iters': config['b_iters'], 'backward_loop': config['backward_loop'],
+      'forward_loop': config['forward_loop'],
       'median_step_s': step_s, 't_f_s': t_f, 't_vjp_s': t_vjp,
       't_rest_s': rest_s, 'ideal_step_s': ideal,
       'solver_overhead': step_s / ideal, 'loss': loss,
@@ -274,15 +285,19 @@ def main(argv):
   for name in ('batch', 'f_iters', 'b_iters', 'steps', 'channels', 'inner'):
     if getattr(FLAGS, name) < 1:
       raise app.UsageError(f'--{name} must be >= 1, got {getattr(FLAGS, name)}.')
+  if FLAGS.warmup < 0:
+    raise app.UsageError(f'--warmup must be >= 0, got {FLAGS.warmup}.')
   if FLAGS.channels % 8 or FLAGS.inner % 8:
     raise app.UsageError('--channels and --inner must be multiples of 8 (GroupNorm(8)).')
   config = dict(default_config(), model=FLAGS.model, batch=FLAGS.batch,
                 channels=FLAGS.channels, inner=FLAGS.inner,
                 f_iters=FLAGS.f_iters, b_iters=FLAGS.b_iters, steps=FLAGS.steps,
                 warmup=FLAGS.warmup, backward_loop=FLAGS.backward_loop,
+                forward_loop=FLAGS.forward_loop,
                 reference=FLAGS.reference)
-  print(json.dumps(run(config, FLAGS.workdir)))
+  print(json.dumps(run(config, cli.WORKDIR.value or '')))
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

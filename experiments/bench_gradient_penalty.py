@@ -102,11 +102,15 @@ def bench_width(config, width) -> dict[str, Any]:
   batch = jax.device_put(_random_batch(np.random.default_rng(config['seed']),
                                        config['batch_size']))
   init_fn = lambda key: (model.init(key, batch['image'][:1]), {})  # noqa: E731
-  steps, states = {}, {}
+  steps, states, flops = {}, {}, {}
   for name, grad_fn in _variants(config, model).items():
-    steps[name] = jax.jit(train.make_update(grad_fn, optimizer), donate_argnums=0)
     state = jax.device_put(train.init_state(init_fn, optimizer, config['seed']))
-    state, metrics = steps[name](state, batch)        # compile + warm-up
+    steps[name] = jax.jit(train.make_update(grad_fn, optimizer),
+                          donate_argnums=0).lower(state, batch).compile()
+    cost = steps[name].cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops[name] = float(cost.get('flops', float('nan')))  # XLA's count
+    state, metrics = steps[name](state, batch)        # warm-up
     jax.block_until_ready((state, metrics))
     states[name] = state
   times = {name: [] for name in steps}
@@ -124,6 +128,8 @@ def bench_width(config, width) -> dict[str, Any]:
       width=width, num_params=gr.num_parameters(states['plain'].params),
       median_seconds_per_step=median,
       ratio_to_plain={name: median[name] / median['plain'] for name in median},
+      flops_per_step=flops,
+      flops_ratio_to_plain={name: flops[name] / flops['plain'] for name in flops},
       spread_seconds={name: [float(np.min(t)), float(np.max(t))]
                       for name, t in times.items()})
 
@@ -206,6 +212,7 @@ def main(argv):
     raise app.UsageError(str(error)) from None
   results = run(config, workdir)
   print(json.dumps([{k: e[k] for k in ('width', 'ratio_to_plain',
+                                       'flops_ratio_to_plain',
                                        'median_seconds_per_step')}
                     for e in results['widths']]
                    + [results['finite_difference_accuracy']], indent=2))

@@ -306,13 +306,14 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, train_iter,
   if pretrain_steps and done < pretrain_steps:
     logging.info('MDEQ: unrolled weight-tied pre-training, %d steps',
                  pretrain_steps)
-    _, records = train.fit(grad_fn=fns.pretrain_grad_fn,
-                           num_steps=pretrain_steps, **common)
+    state, records = train.fit(grad_fn=fns.pretrain_grad_fn,
+                               num_steps=pretrain_steps, **common)
     history += [dict(r, phase='pretrain') for r in records]
-  logging.info('MDEQ: %s phase to step %d', config['network'], num_steps)
-  state, records = train.fit(grad_fn=fns.grad_fn, num_steps=num_steps,
-                             **common)
-  history += [dict(r, phase=config['network']) for r in records]
+  if num_steps > pretrain_steps or not history:
+    logging.info('MDEQ: %s phase to step %d', config['network'], num_steps)
+    state, records = train.fit(grad_fn=fns.grad_fn, num_steps=num_steps,
+                               **common)
+    history += [dict(r, phase=config['network']) for r in records]
   evals = [r for r in history if r['split'] == 'eval']
   return dict(history=history, final_eval=evals[-1] if evals else None,
               num_params=mdeq.count_params(state.params),

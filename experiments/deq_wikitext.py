@@ -223,7 +223,8 @@ def build(config) -> Built:
   transformed = hk.transform_with_state(forward)
   batch, seq_len = config['train_batch_size'], config['train_seq_len']
 
-  def init_fn(rng):
+  @jax.jit
+  def init_fn(rng):   # compiled: eager Haiku init would compile op by op
     tokens = jnp.zeros((batch, seq_len), jnp.int32)
     return transformed.init(rng, tokens, tokens, True)
 

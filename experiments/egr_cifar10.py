@@ -33,7 +33,6 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jreg import cli

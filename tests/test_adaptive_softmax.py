@@ -19,7 +19,7 @@ def _build(cutoffs, div_val, tied, chunk_size=None, d_embed=P):
         init_std=0.5, proj_init_std=0.5, chunk_size=chunk_size)
     return embedding(tokens), softmax(hidden, targets), softmax.log_probs(hidden)
   model = hk.without_apply_rng(hk.transform(forward))
-  return hk.Transformed(model.init, jax.jit(model.apply))
+  return hk.Transformed(jax.jit(model.init), jax.jit(model.apply))
 
 
 def _inputs(seed=0):

@@ -3,11 +3,9 @@ run end to end on a tiny configuration."""
 import json
 import os
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from experiments import bench_gradient_penalty
@@ -211,6 +209,7 @@ def test_egr_cifar10_rejects_bad_config(tmp_path):
 def test_benchmark_runs_every_method(tmp_path, shared_data):
   config = dict(bench_gradient_penalty.quickstart_config(), widths=[16],
                 batch_size=32, repeats=2, steps_per_repeat=1, fd_width=16,
+                fd_epsilons=[1e-2], fd_batches=1, fd_warmup_steps=1,
                 data_dir=str(shared_data))
   results = bench_gradient_penalty.run(config, str(tmp_path))
   (entry,) = results['widths']
@@ -218,7 +217,8 @@ def test_benchmark_runs_every_method(tmp_path, shared_data):
   assert entry['ratio_to_plain']['plain'] == 1.0
   assert all(v > 0 for v in entry['median_seconds_per_step'].values())
   accuracy = results['finite_difference_accuracy']
-  assert set(accuracy['relative_error_mean']) == {'0.01', '0.001'}
+  assert set(accuracy['relative_error_mean']) == {'0.01'}
+  assert all(entry['flops_ratio_to_plain'][m] > 1 for m in gr.METHODS)
   assert all(np.isfinite(v) and v > 0
              for v in accuracy['relative_error_mean'].values())
   assert (tmp_path / 'results.json').exists()

@@ -250,20 +250,26 @@ def test_cifar10_experiment_end_to_end(tmp_path, shared_data):
   from experiments import deq_cifar10
   config = dict(deq_cifar10.quickstart_config(), data_dir=str(shared_data),
                 model_overrides={'num_classes': 10, 'dropout': 0.2},
-                num_steps=3, pretrain_steps=1, log_every=1)
+                num_steps=3, pretrain_steps=1, log_every=1,
+                jacobian_weight=0.5, jacobian_weight_final=1.0)
   results = deq_cifar10.run(config, str(tmp_path))
   history = json.load(open(tmp_path / 'results.json'))['history']
   phases = [r['phase'] for r in history if r['split'] == 'train']
   assert phases == ['pretrain', 'mdeq', 'mdeq']
   deq_steps = [r for r in history if r['split'] == 'train' and
                r['phase'] == 'mdeq']
+  # gamma ramps linearly from 0.5 at step 0 to 1.0 at step num_steps = 3;
+  # the counter includes the pre-training step.
+  assert [r['jacobian_weight'] for r in deq_steps] == pytest.approx(
+      [0.5 + 0.5 / 3, 0.5 + 1.0 / 3])
   for record in deq_steps:
     assert 1 <= record['forward_nfe'] <= config['forward_nfe']
     assert 1 <= record['backward_nfe'] <= config['backward_nfe']
     assert record['jacobian_applied'] == 1.0  # p = 1 in this configuration
     assert record['jacobian_loss'] > 0
     assert record['loss'] == pytest.approx(
-        record['cross_entropy'] + 0.5 * record['jacobian_loss'], rel=1e-5)
+        record['cross_entropy'] +
+        record['jacobian_weight'] * record['jacobian_loss'], rel=1e-5)
   assert 0 <= results['test']['accuracy'] <= 1
   assert 1 <= results['test']['probe_nfe_to_tol'] <= config['probe_nfe']
   for name in ('convergence.png', 'accuracy_vs_time.png'):
@@ -271,18 +277,25 @@ def test_cifar10_experiment_end_to_end(tmp_path, shared_data):
 
 
 def test_imagenet_experiment_end_to_end(tmp_path, shared_data):
+  """The ImageNet folder pipeline through the unrolled (pre-training) phase,
+  with the reference's small Jacobian weight on every pre-training step."""
   from experiments import deq_imagenet
   config = dict(deq_imagenet.quickstart_config(), data_dir=str(shared_data),
-                num_steps=2)
+                num_steps=2, pretrain_steps=2, probe_examples=0)
   results = deq_imagenet.run(config, str(tmp_path))
   assert results['num_classes'] == 10  # imagenet-mini
-  train = [r for r in json.load(open(tmp_path / 'results.json'))['history']
-           if r['split'] == 'train']
-  assert [r['step'] for r in train] == [1, 2]
-  assert all(np.isfinite(r['loss']) for r in train)
-  # gamma ramps linearly from 2 (step 0) towards 3 (step num_steps).
-  assert train[0]['jacobian_weight'] == pytest.approx(2.0)
-  assert train[1]['jacobian_weight'] == pytest.approx(2.5)
+  history = json.load(open(tmp_path / 'results.json'))['history']
+  train = [r for r in history if r['split'] == 'train']
+  assert [(r['step'], r['phase']) for r in train] == [(1, 'pretrain'),
+                                                      (2, 'pretrain')]
+  for record in train:
+    assert np.isfinite(record['loss'])
+    assert record['forward_nfe'] == mdeq.mdeq_config('tiny').num_layers
+    assert record['jacobian_applied'] == 1.0
+    assert record['jacobian_weight'] == pytest.approx(0.03)
+    assert record['loss'] == pytest.approx(
+        record['cross_entropy'] + 0.03 * record['jacobian_loss'], rel=1e-5)
+  assert len([r for r in history if r['split'] == 'eval']) == 1
   assert 0 <= results['test']['accuracy'] <= 1
 
 

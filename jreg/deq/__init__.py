@@ -9,6 +9,7 @@ Public API (stable; additions only):
   jacobian    jacobian_frobenius_estimate, jacobian_frobenius_exact,
               spectral_radius, regularization_gate
   module      DEQ (Haiku), value_and_grad (grad_fn with backward stats),
+              cell_params (the cell's params out of a model's params),
               step_count (Haiku-state step counter for schedules)
 """
 from jreg.deq.implicit import BackwardConfig
@@ -20,6 +21,7 @@ from jreg.deq.jacobian import jacobian_frobenius_estimate
 from jreg.deq.jacobian import jacobian_frobenius_exact
 from jreg.deq.jacobian import regularization_gate
 from jreg.deq.jacobian import spectral_radius
+from jreg.deq.module import cell_params
 from jreg.deq.module import DEQ
 from jreg.deq.module import step_count
 from jreg.deq.module import value_and_grad
@@ -32,7 +34,7 @@ from jreg.deq.solvers import SolverConfig
 from jreg.deq.solvers import SolverStats
 
 __all__ = (
-    'BackwardConfig', 'DEQ', 'SolverConfig', 'SolverStats', 'STATS_PROBE_SIZE',
+    'BackwardConfig', 'DEQ', 'cell_params', 'SolverConfig', 'SolverStats', 'STATS_PROBE_SIZE',
     'anderson', 'broyden', 'fixed_point', 'fixed_point_iteration',
     'flatten_batch', 'jacobian_frobenius_estimate', 'jacobian_frobenius_exact',
     'probe_to_metrics', 'regularization_gate', 'solve', 'spectral_radius',

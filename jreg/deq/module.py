@@ -152,6 +152,21 @@ class DEQ(hk.Module):
     return z_star, info
 
 
+def cell_params(params: hk.Params, module_name: str = 'deq') -> hk.Params:
+  """The cell's own params out of a model's params (as `DEQ` lifted them).
+
+  `DEQ(name=module_name)` stores the cell's parameters under
+  `<module path>/cell/<cell module>`; this returns them keyed as the cell's
+  own `hk.transform(cell)` expects, e.g. for evaluating f outside the model
+  (surfaces, spectral radius, solver studies).
+  """
+  prefix = f'{module_name}/cell/'
+  inner = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+  if not inner:
+    raise KeyError(f'no parameters under {prefix!r}; modules: {sorted(params)}')
+  return inner
+
+
 def step_count(increment: bool) -> jax.Array:
   """A Haiku-state counter of training calls (float32 []), for schedules.
 
