@@ -100,7 +100,7 @@ def small_config() -> dict[str, Any]:
       default_config(), model='cifar10_small', batch_size=32, num_steps=400,
       pretrain_steps=100, forward_nfe=10, backward_nfe=10, eval_nfe=10,
       probe_nfe=30, probe_examples=200, probe_batch_size=50,
-      train_examples=0, test_examples=1_000, eval_batch_size=250,
+      train_examples=0, test_examples=500, eval_batch_size=250,
       jacobian_weight=0.5, jacobian_weight_final=0.5, jacobian_prob=0.5,
       jacobian_prob_final=0.5, log_every=10, eval_every=100,
       checkpoint_every=0)
@@ -423,6 +423,31 @@ def plot_runs(histories: Mapping[str, list[dict]], workdir: str,
                     marker='o')
   paths.append(path)
   return paths
+
+
+def compare(workdirs: Mapping[str, str], out_dir: str) -> dict[str, Any]:
+  """Joins finished runs: figures with one curve per run and a summary.
+
+  Args:
+    workdirs: label -> workdir of a finished `run` (with results.json).
+    out_dir: where `mdeq_convergence.png`, `mdeq_accuracy_vs_time.png` and
+      `mdeq_comparison.json` go.
+
+  Returns:
+    label -> the run's headline numbers (`summarize` output without config).
+  """
+  histories, table = {}, {}
+  for label, workdir in workdirs.items():
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results = json.load(f)
+    histories[label] = results.pop('history')
+    results.pop('config')
+    table[label] = results
+  os.makedirs(out_dir, exist_ok=True)
+  plot_runs(histories, out_dir, prefix='mdeq_')
+  with open(os.path.join(out_dir, 'mdeq_comparison.json'), 'w') as f:
+    json.dump(table, f, indent=1)
+  return table
 
 
 def define_flags(with_preset: bool = True):
