@@ -26,6 +26,12 @@ from jreg import cli
 EXPERIMENTS = (
     ('synthetic_mlp', 'experiments.synthetic_mlp',
      'explicit-depth MLP baseline on the synthetic 1-D task'),
+    ('igr_two_parameter', 'experiments.igr_two_parameter',
+     'IGR: gradient descent against the exact and the modified flow'),
+    ('igr_mnist_sweep', 'experiments.igr_mnist_sweep',
+     'IGR: MNIST MLP sweep over width and learning rate, with EGR runs'),
+    ('egr_cifar10', 'experiments.egr_cifar10',
+     'EGR: CIFAR-10 ResNet with and without the gradient penalty'),
 )
 
 
@@ -75,7 +81,8 @@ def main(argv):
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   for name, results in summary.items():
-    print(f'{name}: ' + json.dumps(results, default=float))
+    headline = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+    print(f'{name}: ' + json.dumps(headline, default=float))
   print(f'quickstart finished: {len(summary)} experiments, results in '
         f'{os.path.join(workdir, "summary.json")}')
 
