@@ -23,8 +23,9 @@ Jacobian term, head, loss and Adam); and
 
 with NFE_f = F and NFE_b = B: the overhead is what the solver loops cost beyond
 their cell evaluations and VJPs. When the torchdeq environment is
-present the reference is run in a subprocess in the same invocation and the
-ratio jreg / torchdeq is reported.
+present the reference is run in a subprocess in the same invocation (before
+and after jreg's timing) and the ratio jreg / torchdeq (mean of the two
+reference medians) is reported.
 
 Usage:
   python -m experiments.bench_deq --model=conv --batch=64 --f_iters=20 --b_iters=20
@@ -246,12 +247,21 @@ def run_reference(config):
          '--inner', str(config['inner']), '--f_iters', str(config['f_iters']),
          '--b_iters', str(config['b_iters']), '--steps', str(config['steps']),
          '--warmup', str(config['warmup']), '--threads', str(os.cpu_count())]
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+  out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+  if out.returncode != 0:
+    raise RuntimeError(f'the torchdeq reference failed (exit {out.returncode}): '
+                       f'{out.stderr.strip().splitlines()[-1:]}')
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(config, workdir):
-  """Times jreg's step (and torchdeq's); writes bench.json under workdir."""
+  """Times jreg's step (and torchdeq's); writes bench.json under workdir.
+
+  The reference runs once before and once after jreg's timing, and the ratio
+  uses the mean of its two medians, so that a drift in machine load between
+  the two frameworks shows up (both medians are reported).
+  """
+  references = [run_reference(config)] if config['reference'] else []
   params, opt_state, step, rest_step, inputs = build(config)
   step_s, loss = _time_step(step, params, opt_state, config['steps'],
                             config['warmup'])
@@ -271,9 +281,11 @@ def run(config, workdir):
       'devices': str(jax.devices()), 'cpu_count': os.cpu_count(),
   }
   if config['reference']:
-    reference = run_reference(config)
-    result['torchdeq'] = reference
-    result['ratio_jreg_over_torchdeq'] = step_s / reference['median_step_s']
+    references.append(run_reference(config))
+    medians = [r['median_step_s'] for r in references]
+    result['torchdeq'] = references[-1]
+    result['torchdeq_median_step_s_before_after'] = medians
+    result['ratio_jreg_over_torchdeq'] = step_s / statistics.mean(medians)
   if workdir:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(workdir) / 'bench.json').write_text(json.dumps(result, indent=1))
@@ -295,7 +307,11 @@ def main(argv):
                 warmup=FLAGS.warmup, backward_loop=FLAGS.backward_loop,
                 forward_loop=FLAGS.forward_loop,
                 reference=FLAGS.reference)
-  print(json.dumps(run(config, cli.WORKDIR.value or '')))
+  try:
+    result = run(config, cli.WORKDIR.value or '')
+  except FileNotFoundError as error:
+    raise app.UsageError(str(error)) from None
+  print(json.dumps(result))
 
 
 if __name__ == '__main__':

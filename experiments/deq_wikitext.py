@@ -24,7 +24,6 @@ Library contract (used by experiments/bench_deq_models.py):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -325,12 +324,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   config = dict(default_config(), **config)
   _check(config)
   corpus = wikitext.load_wikitext(config['dataset_name'],
-                              source=config['dataset_source'],
-                              data_dir=config['dataset_dir'])
+                                  source=config['dataset_source'],
+                                  data_dir=config['dataset_dir'])
   config['vocab_size'] = len(corpus.vocabulary)
   built = build(config)
   train_iter = wikitext.wikitext_iterator(corpus, 'train', config['train_batch_size'],
-                                      config['train_seq_len'])
+                                          config['train_seq_len'])
   steps_per_epoch = train_iter.steps_per_epoch
   warmup = int(config['optimizer_warmup_epochs'] * steps_per_epoch)
   warmup = min(warmup, config['train_steps'] - 1)
@@ -342,32 +341,31 @@ def run(config, workdir: str) -> dict[str, Any]:
   pretrain_steps = (config['train_pretrain_steps']
                     if built.model_config.architecture == 'deq' else 0)
 
-  def eval_fn_for(unrolled, max_batches):
-    def eval_fn(params, model_state):
-      del model_state  # evaluation starts from an empty memory
-      out = perplexity(built, params, corpus.valid, config['eval_batch_size'],
-                       config['eval_seq_len'], unrolled=unrolled,
-                       max_batches=max_batches)
-      out['wall_time'] = time.perf_counter() - start_time
-      return out
-    return eval_fn
+  def eval_fn(params, model_state):
+    # In the pre-training phase the model is evaluated unrolled (the
+    # reference's eval_n_layer), afterwards as a DEQ; the step counter in the
+    # state tells which. Evaluation starts from an empty memory.
+    steps_done = float(model_state['~']['step_count'])
+    out = perplexity(built, params, corpus.valid, config['eval_batch_size'],
+                     config['eval_seq_len'], unrolled=steps_done <= pretrain_steps,
+                     max_batches=config['eval_max_batches'])
+    out['wall_time'] = time.perf_counter() - start_time
+    return out
 
-  common = dict(workdir=workdir, init_fn=built.init_fn, optimizer=optimizer,
-                train_iter=train_iter, seed=config['seed'],
-                parallel=config['parallel'], log_every=config['log_every'],
-                checkpoint_every=config['checkpoint_every'],
-                learning_rate_fn=schedule, eval_every=config['eval_every'])
-  evaluate_periodically = config['eval_every'] > 0
-  if pretrain_steps:
-    # Phase 1: unrolled weight-tied pre-training (resumes like phase 2).
-    train.fit(grad_fn=built.pretrain_grad_fn, num_steps=pretrain_steps,
-              eval_fn=(eval_fn_for(True, config['eval_max_batches'])
-                       if evaluate_periodically else None), **common)
-  # Phase 2: the implicit layer (with the Jacobian term); its last evaluation
-  # (always run by fit) is the reported validation perplexity.
+  # The unrolled weight-tied pre-training phase, then the implicit layer
+  # (with the Jacobian term); fit's last evaluation is the reported one.
+  if pretrain_steps == config['train_steps']:
+    phases = [(pretrain_steps, built.pretrain_grad_fn)]
+  else:
+    phases = [(config['train_steps'], built.grad_fn)]
+    if pretrain_steps:
+      phases.insert(0, (pretrain_steps, built.pretrain_grad_fn))
   state, history = train.fit(
-      grad_fn=built.grad_fn, num_steps=config['train_steps'],
-      eval_fn=eval_fn_for(False, config['eval_max_batches']), **common)
+      workdir=workdir, init_fn=built.init_fn, grad_fn=phases, optimizer=optimizer,
+      train_iter=train_iter, num_steps=config['train_steps'], seed=config['seed'],
+      parallel=config['parallel'], eval_fn=eval_fn, eval_every=config['eval_every'],
+      log_every=config['log_every'], checkpoint_every=config['checkpoint_every'],
+      learning_rate_fn=schedule)
   valid = [r for r in history if r['split'] == 'eval'][-1]
   if config['eval_max_batches'] and config.get('final_eval_whole_split', True):
     # Periodic evaluations read part of the split; the reported one reads it all.

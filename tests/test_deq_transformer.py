@@ -245,9 +245,9 @@ def test_jacobian_weight_schedule_steps_from_init_to_final():
 # ----------------------------------------------------------------------------
 # Data parallelism: per-device memory under pmap equals the single-device run.
 
-def test_pmap_keeps_per_stream_memory():
-  """Two jreg.train steps in 'pmap' mode (4 devices) give the parameters and
-  the per-stream memory of the 'single' mode."""
+def test_data_parallel_modes_keep_per_stream_memory():
+  """Two jreg.train steps in 'pmap' and 'sharded' modes (4 devices) give the
+  parameters and the per-stream memory of the 'single' mode."""
   config = dict(exp.quickstart_config(), vocab_size=50, train_batch_size=4,
                 train_seq_len=6, model_cutoffs=(), model_div_val=1, model_dropout=0.0,
                 model_dropatt=0.0, model_mem_len=6, model_architecture='transformer_xl',
@@ -258,7 +258,7 @@ def test_pmap_keeps_per_stream_memory():
               'targets': rng.integers(0, 50, (4, 6)).astype(np.int32)} for _ in range(2)]
   optimizer = optax.sgd(0.5)
   final = {}
-  for mode in ('single', 'pmap'):
+  for mode in ('single', 'pmap', 'sharded'):
     par = train.Parallel(mode)
     state = par.put_state(train.init_state(built.init_fn, optimizer, seed=0))
     update = par.compile(train.make_update(built.grad_fn, optimizer, par.axis_name))
@@ -268,12 +268,13 @@ def test_pmap_keeps_per_stream_memory():
   memory = final['single'].model_state['deq_transformer_lm']
   assert float(memory['memory_length']) == 6
   assert float(np.abs(memory['memory_layers']).max()) > 0
-  for part in ('params', 'model_state'):
-    single = getattr(final['single'], part)
-    pmapped = getattr(final['pmap'], part)
-    assert jax.tree.structure(single) == jax.tree.structure(pmapped)
-    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(pmapped)):
-      np.testing.assert_allclose(a, b, atol=1e-5)
+  for mode in ('pmap', 'sharded'):
+    for part in ('params', 'model_state'):
+      single = getattr(final['single'], part)
+      other = getattr(final[mode], part)
+      assert jax.tree.structure(single) == jax.tree.structure(other)
+      for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(other)):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f'{mode} {part}')
 
 
 # ----------------------------------------------------------------------------

@@ -65,7 +65,11 @@ def test_parameter_counts_and_shapes(name):
   for module, values in cell.items():
     if 'v' in values:
       assert values['g'].shape == (values['v'].shape[-1],), module
-  assert set(state) == {'~', 'mdeq/deq'}  # step counter and backward-stats probe
+  # The step counter, the backward-stats probe, and the head's BatchNorm
+  # statistics (the equilibrium cell itself is stateless).
+  assert {'~', 'mdeq/deq'} <= set(state)
+  assert all(k in ('~', 'mdeq/deq') or k.startswith('mdeq/head/')
+             for k in state), sorted(state)
   side = cfg.image_size
   images = jax.ShapeDtypeStruct((2, side, side, 3), jnp.float32)
   logits, info = jax.eval_shape(fns.predict_fn, params, state, images)
@@ -235,15 +239,16 @@ def test_implicit_gradient_matches_finite_differences(tiny_problem):
 def test_explicit_network_has_similar_size():
   cfg = mdeq.mdeq_config('cifar10')
   explicit = mdeq.explicit_config(cfg, 4)
-  net = hk.transform(lambda im: mdeq.ExplicitMDEQ(explicit, 4)(im))
+  net = hk.transform_with_state(
+      lambda im: mdeq.ExplicitMDEQ(explicit, 4)(im, True))
   images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  n_explicit = mdeq.count_params(jax.eval_shape(net.init, jax.random.key(0),
-                                                images))
+  explicit_params, _ = jax.eval_shape(net.init, jax.random.key(0), images)
+  n_explicit = mdeq.count_params(explicit_params)
   params, _, _ = _param_shapes(cfg)
   n_deq = mdeq.count_params(params)
   assert abs(n_explicit - n_deq) / n_deq < 0.3
-  assert len([k for k in jax.eval_shape(net.init, jax.random.key(0), images)
-              if k.endswith('block_0/conv1')]) == 4  # four untied cells
+  # Four untied cells.
+  assert len([k for k in explicit_params if k.endswith('block_0/conv1')]) == 4
 
 
 def test_cifar10_experiment_end_to_end(tmp_path, shared_data):
