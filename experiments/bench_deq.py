@@ -300,7 +300,8 @@ def main(argv):
   if FLAGS.warmup < 0:
     raise app.UsageError(f'--warmup must be >= 0, got {FLAGS.warmup}.')
   if FLAGS.channels % 8 or FLAGS.inner % 8:
-    raise app.UsageError('--channels and --inner must be multiples of 8 (GroupNorm(8)).')
+    raise app.UsageError('--channels and --inner must be multiples of 8 '
+                         '(GroupNorm with 8 groups).')
   config = dict(default_config(), model=FLAGS.model, batch=FLAGS.batch,
                 channels=FLAGS.channels, inner=FLAGS.inner,
                 f_iters=FLAGS.f_iters, b_iters=FLAGS.b_iters, steps=FLAGS.steps,

@@ -252,14 +252,17 @@ def run(config: dict[str, Any], workdir: str) -> dict[str, Any]:
         'residual_after_6_nfe': evaluation['residual_after_budget'],
         'spectral_radius': evaluation['spectral_radius'],
         # Training-time solver behaviour, averaged over the logged windows.
-        'train_forward_nfe': float(np.mean([r['forward_nfe'] for r in train_records])),
-        'train_backward_nfe': float(np.mean([r['backward_nfe'] for r in train_records])),
+        'train_forward_nfe': float(np.mean(
+            [r['forward_nfe'] for r in train_records])),
+        'train_backward_nfe': float(np.mean(
+            [r['backward_nfe'] for r in train_records])),
         'train_forward_unconverged_fraction': float(np.mean(
             [1.0 - r['forward_converged_fraction'] for r in train_records])),
         'train_backward_unconverged_fraction': float(np.mean(
             [1.0 - r['backward_converged_fraction'] for r in train_records])),
         'final_train_mse': train_records[-1]['mse'],
-        'final_jacobian_loss': train_records[-1]['jacobian_loss'] if gamma > 0 else None,
+        'final_jacobian_loss': (train_records[-1]['jacobian_loss']
+                                if gamma > 0 else None),
     }
     runs[gamma] = {'params': state.params, 'history': history}
     print(f'gamma={gamma:g}: ' + json.dumps(results[f'{gamma:g}']), flush=True)
@@ -270,11 +273,14 @@ def run(config: dict[str, Any], workdir: str) -> dict[str, Any]:
                         for k, v in config.items()}}
   if jax.process_index() == 0:
     _figures(workdir, config, runs, _model(config, 0.0)[1])
-    with plotting.figure(os.path.join(workdir, 'training.png'), ncols=3) as (fig, axes):
-      for key, ax, logy in (('mse', axes[0], True), ('forward_abs_residual', axes[1], True),
-                            ('jacobian_loss', axes[2], False)):
-        plotting.curves(ax, {f'gamma={g:g}': train.metrics_lib.series(r['history'], key)
-                             for g, r in runs.items()}, 'step', key, logy=logy)
+    with plotting.figure(os.path.join(workdir, 'training.png'),
+                         ncols=3) as (fig, axes):
+      panels = (('mse', axes[0], True), ('forward_abs_residual', axes[1], True),
+                ('jacobian_loss', axes[2], False))
+      for key, ax, logy in panels:
+        series = {f'gamma={g:g}': train.metrics_lib.series(r['history'], key)
+                  for g, r in runs.items()}
+        plotting.curves(ax, series, 'step', key, logy=logy)
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(summary, f, indent=2)
   return summary

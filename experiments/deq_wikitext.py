@@ -241,9 +241,12 @@ def build(config) -> Built:
       nll = -jnp.mean(log_prob)
       metrics = dict(info, nll=nll, ppl=jnp.exp(nll))
       loss = nll
-      if 'jacobian_loss' in info:
+      if use_jacobian:
         gamma = jacobian_weight(step, config)
-        loss = loss + gamma * info['jacobian_loss']
+        if 'jacobian_loss' in info:
+          loss = loss + gamma * info['jacobian_loss']
+        else:  # pre-training: the same metric names in both phases
+          metrics.update(jacobian_loss=jnp.zeros([]), jacobian_applied=jnp.zeros([]))
         metrics['jacobian_weight'] = gamma
       return loss, (model_state, metrics)
     return loss_fn
@@ -465,8 +468,9 @@ def main(argv):
       given = getattr(f, key)
       config[key] = tuple(int(c) for c in given) if isinstance(value, tuple) else given
   config.update(seed=cli.SEED.value, parallel=cli.PARALLEL.value,
-                log_every=cli.LOG_EVERY.value, dataset_dir=cli.DATA_DIR.value,
-                dataset_source=cli.DATA_SOURCE.value)
+                dataset_dir=cli.DATA_DIR.value, dataset_source=cli.DATA_SOURCE.value)
+  if f['log_every'].present:
+    config['log_every'] = cli.LOG_EVERY.value
   if f['eval_every'].present:
     config['eval_every'] = cli.EVAL_EVERY.value
   if f['checkpoint_every'].present:

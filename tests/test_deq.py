@@ -261,7 +261,8 @@ def test_hutchinson_estimate_is_unbiased():
   assert stderr < 0.05 * exact  # enough draws that the check is informative
   # More vectors: same mean, smaller variance.
   draws4 = np.asarray(jax.jit(jax.vmap(
-      lambda k: deq.jacobian_frobenius_estimate(f, z, k, num_vectors=4)))(keys[:1000]))
+      lambda k: deq.jacobian_frobenius_estimate(f, z, k, num_vectors=4)))(
+          keys[:1000]))
   assert draws4.std() < 0.7 * draws.std()
   assert abs(draws4.mean() - exact) < 4 * draws4.std() / np.sqrt(draws4.size)
 

@@ -281,9 +281,11 @@ def test_data_parallel_modes_keep_per_stream_memory():
 # The experiment end to end on WikiText-2.
 
 def test_experiment_runs_end_to_end(tmp_path, shared_data):
+  # Logging every 2 steps mixes the pre-training step 1 and the DEQ step 2 in
+  # one record (both phases report the same metric names).
   config = dict(exp.quickstart_config(), dataset_dir=str(shared_data),
                 train_steps=3, train_pretrain_steps=1, eval_max_batches=2,
-                jacobian_probability=1.0, log_every=1)
+                jacobian_probability=1.0, log_every=2)
   results = exp.run(config, str(tmp_path))
   assert math.isfinite(results['valid_ppl']) and results['valid_ppl'] > 1
   assert results['valid_tokens'] == 2 * 4 * 16
@@ -292,7 +294,9 @@ def test_experiment_runs_end_to_end(tmp_path, shared_data):
     assert os.path.isfile(tmp_path / name)
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   train = [r for r in records if r['split'] == 'train']
-  assert [r['step'] for r in train] == [1, 2, 3]
-  assert 'jacobian_loss' not in train[0]                 # unrolled pre-training
+  assert [r['step'] for r in train] == [2, 3]
+  # Step 1 (unrolled pre-training) has no Jacobian term, steps 2-3 (p = 1) do.
+  assert train[0]['jacobian_applied'] == 0.5
   assert train[1]['jacobian_applied'] == 1.0 and train[1]['jacobian_loss'] > 0
   assert train[1]['backward_nfe'] >= 1
+  assert [r['step'] for r in records if r['split'] == 'eval'] == [3]

@@ -34,7 +34,8 @@ from jreg.deq.solvers import SolverConfig
 from jreg.deq.solvers import SolverStats
 
 __all__ = (
-    'BackwardConfig', 'DEQ', 'cell_params', 'SolverConfig', 'SolverStats', 'STATS_PROBE_SIZE',
+    'BackwardConfig', 'DEQ', 'cell_params', 'SolverConfig', 'SolverStats',
+    'STATS_PROBE_SIZE',
     'anderson', 'broyden', 'fixed_point', 'fixed_point_iteration',
     'flatten_batch', 'jacobian_frobenius_estimate', 'jacobian_frobenius_exact',
     'probe_to_metrics', 'regularization_gate', 'solve', 'spectral_radius',

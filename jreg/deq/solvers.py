@@ -172,7 +172,10 @@ class _Best(NamedTuple):
 
 def _update_best(best: _Best, z, fz, stop_mode) -> _Best:
   abs_res, rel_res = _residuals(fz, z)
-  new, old = (abs_res, best.abs_res) if stop_mode == 'abs' else (rel_res, best.rel_res)
+  if stop_mode == 'abs':
+    new, old = abs_res, best.abs_res
+  else:
+    new, old = rel_res, best.rel_res
   better = new < old  # [B]; NaN residuals never replace a finite best
   return _Best(jnp.where(better[:, None], z, best.z),
                jnp.where(better, abs_res, best.abs_res),
@@ -190,7 +193,10 @@ def _converged(best: _Best, tol, stop_mode):
 
 
 def _run(init, step, max_iter, tol, stop_mode, unroll):
-  """Drives a solver: `init()` -> (carry, best, nfe); `step(carry, best)` does one f-evaluation."""
+  """Drives a solver loop.
+
+  `init()` -> (carry, best, nfe); `step(carry, best)` does one evaluation of f.
+  """
   carry, best, nfe = init()
   if unroll:
     for _ in range(max_iter - nfe):
