@@ -156,7 +156,10 @@ class Parallel:
                        "or 'pmap' across hosts.")
     self.mode = mode
     if mode == 'sharded':
-      self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+      # Auto axes: XLA propagates shardings through the model (gathers,
+      # reshapes) by itself, so model code stays single-device code.
+      self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,),
+                                axis_types=(jax.sharding.AxisType.Auto,))
       self._replicated = NamedSharding(self.mesh, P())
       self._split = NamedSharding(self.mesh, P(AXIS))
     self.axis_name = AXIS if mode == 'pmap' else None
@@ -356,7 +359,10 @@ def _check_and_log(pending, par, writer, window, log_every, learning_rate_fn,
         f'or gradient norm ({float(host["grad_norm"])}).')
   window.append(host)
   if force or (log_every and step % log_every == 0):
-    record = {k: np.mean([m[k] for m in window]) for k in window[-1]}
+    # Each metric is averaged over the steps that report it (a window may
+    # span two phases whose grad functions report different metrics).
+    names = dict.fromkeys(k for m in window for k in m)
+    record = {k: np.mean([m[k] for m in window if k in m]) for k in names}
     if learning_rate_fn is not None:
       record['learning_rate'] = learning_rate_fn(step - 1)
     writer.write(step, 'train', record)

@@ -76,22 +76,6 @@ def cluster_widths(d_embed: int, num_clusters: int, div_val: int) -> list[int]:
   return widths
 
 
-def take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
-  """`table[indices]` (rows), keeping the indices' sharding on the output.
-
-  Under an explicitly sharded mesh (jreg.train's 'sharded' mode: the batch
-  split over 'data', the parameters replicated) a gather's output sharding is
-  ambiguous, so it is stated: the output is sharded like the indices.
-  """
-  sharding = jax.typeof(indices).sharding
-  spec = getattr(sharding, 'spec', None)
-  if spec is not None and any(axis is not None for axis in spec):
-    out_spec = jax.sharding.PartitionSpec(*spec, *([None] * (table.ndim - 1)))
-    return table.at[indices].get(
-        out_sharding=jax.sharding.NamedSharding(sharding.mesh, out_spec))
-  return jnp.take(table, indices, axis=0)
-
-
 class AdaptiveEmbedding(hk.Module):
   """Adaptive input embedding `sqrt(P) * E_i[t - l_i] @ W_i` (Baevski & Auli 2019).
 
@@ -142,8 +126,8 @@ class AdaptiveEmbedding(hk.Module):
     out = jnp.zeros(tokens.shape + (self.d_proj,), jnp.float32)
     for i, (lo, hi) in enumerate(self.table_bounds):
       in_cluster = (tokens >= lo) & (tokens < hi)                    # [...]
-      rows = take_rows(self.table(i),
-                       jnp.clip(tokens - lo, 0, hi - lo - 1))        # [..., d_i]
+      rows = jnp.take(self.table(i), jnp.clip(tokens - lo, 0, hi - lo - 1),
+                      axis=0)                                        # [..., d_i]
       projection = self.projection(i)
       if projection is not None:
         rows = rows @ projection                                     # [..., P]
@@ -272,8 +256,8 @@ class AdaptiveLogSoftmax(hk.Module):
       head_column = jnp.where((targets >= lo) & (targets < hi),
                               self.shortlist + i - 1, head_column)
     projected, weight, bias = clusters[0]
-    head_logit = (jnp.sum(projected * take_rows(weight, head_column), -1)
-                  + take_rows(bias, head_column))                    # [N]
+    head_logit = (jnp.sum(projected * jnp.take(weight, head_column, axis=0), -1)
+                  + jnp.take(bias, head_column, axis=0))                    # [N]
     log_prob = head_logit - _linear_logsumexp(projected, weight, bias,
                                               self.chunk_size)
     for i in range(1, len(self.bounds)):
@@ -281,8 +265,8 @@ class AdaptiveLogSoftmax(hk.Module):
       projected, weight, bias = clusters[i]
       in_cluster = (targets >= lo) & (targets < hi)                  # [N]
       index = jnp.clip(targets - lo, 0, hi - lo - 1)
-      tail_logit = (jnp.sum(projected * take_rows(weight, index), -1)
-                    + take_rows(bias, index))                        # [N]
+      tail_logit = (jnp.sum(projected * jnp.take(weight, index, axis=0), -1)
+                    + jnp.take(bias, index, axis=0))                        # [N]
       tail_log_prob = tail_logit - _linear_logsumexp(projected, weight, bias,
                                                      self.chunk_size)
       log_prob = log_prob + jnp.where(in_cluster, tail_log_prob, 0.0)

@@ -142,21 +142,8 @@ def rel_shift(x: jax.Array) -> jax.Array:
   """
   *lead, t, k = x.shape
   padded = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])          # [..., T, K+1]
-  padded = _reshape_last_two(padded, (k + 1, t))                        # [..., K+1, T]
-  return _reshape_last_two(padded[..., 1:, :], (t, k))
-
-
-def _reshape_last_two(x: jax.Array, shape: tuple[int, int]) -> jax.Array:
-  """Reshapes the last two axes, keeping the sharding of the leading ones
-  (which an explicitly sharded mesh cannot infer for this reshape)."""
-  new_shape = x.shape[:-2] + tuple(shape)
-  sharding = jax.typeof(x).sharding
-  spec = getattr(sharding, 'spec', None)
-  if spec is None or all(axis is None for axis in spec):
-    return x.reshape(new_shape)
-  out = jax.sharding.NamedSharding(
-      sharding.mesh, jax.sharding.PartitionSpec(*spec[:-2], None, None))
-  return jax.lax.reshape(x, new_shape, out_sharding=out)
+  padded = padded.reshape(padded.shape[:-2] + (k + 1, t))                        # [..., K+1, T]
+  return padded[..., 1:, :].reshape(padded.shape[:-2] + (t, k))
 
 
 class WeightNormLinear(hk.Module):
@@ -295,23 +282,6 @@ def key_mask(length: int, memory_size: int, memory_valid) -> jax.Array:
   return allowed.astype(jnp.float32)
 
 
-def _shard_like_batch(x: jax.Array, tokens: jax.Array, batch_axis: int = 0) -> jax.Array:
-  """Reshards `x` along `batch_axis` like the batch (`tokens`' leading axis).
-
-  In jreg.train's 'sharded' mode (an explicitly sharded mesh) the memory
-  arrives replicated with the state while the batch is split over 'data';
-  operations mixing them need one sharding. Elsewhere it returns `x`.
-  """
-  sharding = jax.typeof(tokens).sharding
-  spec = getattr(sharding, 'spec', None)
-  if spec is None or not spec or spec[0] is None:
-    return x
-  target = [None] * x.ndim
-  target[batch_axis] = spec[0]
-  return jax.sharding.reshard(
-      x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*target)))
-
-
 def _append_to_memory(memory: jax.Array, new: jax.Array) -> jax.Array:
   """The last M positions of `[memory; new]` (along axis -2), no gradient."""
   size = memory.shape[-2]
@@ -375,12 +345,11 @@ class DEQTransformerLM(hk.Module):
     info = {}
 
     if cfg.architecture == 'deq':
-      mem_z = _shard_like_batch(hk.get_state(
-          'memory_z', [batch, mem_len, cfg.d_model], jnp.float32, init=jnp.zeros),
-                                inputs)
-      mem_u = _shard_like_batch(hk.get_state(
+      mem_z = hk.get_state(
+          'memory_z', [batch, mem_len, cfg.d_model], jnp.float32, init=jnp.zeros)
+      mem_u = hk.get_state(
           'memory_u', [batch, mem_len, 3 * cfg.d_model], jnp.float32,
-          init=jnp.zeros), inputs)
+          init=jnp.zeros)
       injection = hk.Linear(3 * cfg.d_model, name='injection',
                             w_init=hk.initializers.RandomNormal(cfg.init_std))(word)
       x = dict(memory=mem_z, injection=jnp.concatenate([mem_u, injection], 1),
@@ -400,9 +369,9 @@ class DEQTransformerLM(hk.Module):
         hk.set_state('memory_z', _append_to_memory(mem_z, hidden))
         hk.set_state('memory_u', _append_to_memory(mem_u, injection))
     else:
-      mems = _shard_like_batch(hk.get_state(
+      mems = hk.get_state(
           'memory_layers', [cfg.n_layer, batch, mem_len, cfg.d_model], jnp.float32,
-          init=jnp.zeros), inputs, batch_axis=1)
+          init=jnp.zeros)
       layer_rngs = (jax.random.split(rngs[2], cfg.n_layer) if is_training
                     else [None] * cfg.n_layer)
       hidden, new_mems = word, []
