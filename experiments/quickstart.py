@@ -32,6 +32,10 @@ EXPERIMENTS = (
      'IGR: MNIST MLP sweep over width and learning rate, with EGR runs'),
     ('egr_cifar10', 'experiments.egr_cifar10',
      'EGR: CIFAR-10 ResNet with and without the gradient penalty'),
+    ('deq_synthetic', 'experiments.deq_synthetic',
+     'DEQ + Jacobian regularisation on the synthetic 1-D task'),
+    ('deq_wikitext', 'experiments.deq_wikitext',
+     'DEQ-Transformer with Jacobian regularisation on WikiText-2'),
 )
 
 
