@@ -34,6 +34,10 @@ EXPERIMENTS = (
      'EGR: CIFAR-10 ResNet with and without the gradient penalty'),
     ('deq_synthetic', 'experiments.deq_synthetic',
      'DEQ + Jacobian regularisation on the synthetic 1-D task'),
+    ('deq_cifar10', 'experiments.deq_cifar10',
+     'MDEQ with Jacobian regularisation on CIFAR-10'),
+    ('deq_imagenet', 'experiments.deq_imagenet',
+     'MDEQ-small pipeline end to end on the ImageNet-layout subset'),
     ('deq_wikitext', 'experiments.deq_wikitext',
      'DEQ-Transformer with Jacobian regularisation on WikiText-2'),
 )

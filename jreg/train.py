@@ -128,8 +128,12 @@ def make_update(grad_fn: GradFn, optimizer: optax.GradientTransformation,
     (loss, (model_state, metrics)), grads = grad_fn(
         state.params, state.model_state, step_rng, batch, axis_name)
     if axis_name is not None:
-      grads, loss, metrics, model_state = jax.lax.pmean(
-          (grads, loss, metrics, model_state), axis_name)
+      grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis_name)
+      # Floating state (batch statistics) is averaged; integer state (step
+      # counters of schedules) is the same on every device and keeps its dtype.
+      model_state = jax.tree.map(
+          lambda x: jax.lax.pmean(x, axis_name)
+          if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)

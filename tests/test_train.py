@@ -49,10 +49,12 @@ def _forward(x, is_training=True):
   del is_training
   h = hk.Linear(4)(x)
   h = hk.BatchNorm(True, True, 0.9)(h, is_training=True)
+  count = hk.get_state('count', [], jnp.int32, init=jnp.zeros)  # a step counter
+  hk.set_state('count', count + 1)
   return hk.Linear(1)(jax.nn.relu(h))
 
 
-_model = hk.transform_with_state(_forward)
+_model = hk.transform_with_state(_forward)  # state: BatchNorm stats, counter
 
 
 def init_fn(rng):
@@ -115,6 +117,10 @@ def test_parallel_modes_average_batch_statistics():
   new_state = par.get(new_state)
   stats = jax.tree.leaves(new_state.model_state)
   assert stats and all(np.all(np.isfinite(s)) for s in stats)
+  # Integer state (a step counter) keeps its dtype through the pmean.
+  assert jax.tree.map(lambda x: x.dtype, new_state.model_state) == jax.tree.map(
+      lambda x: x.dtype, state.model_state)
+  assert new_state.model_state['~']['count'].dtype == np.int32
   assert float(par.get(metrics)['loss']) > 0
 
 
