@@ -4,6 +4,8 @@ Experiment modules import this module for the common flags and define their own
 flags inside a `define_flags()` function called under `__main__`, so that tests
 and the quickstart can import several experiments into one process.
 """
+import sys
+
 from absl import app
 from absl import flags
 
@@ -51,3 +53,20 @@ def start() -> str:
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   return WORKDIR.value
+
+
+def run(main) -> None:
+  """`app.run(main)`, with the run-time errors a user can act on reported as
+  one sentence and exit status 1 instead of a traceback: bad data
+  (`jreg.data.DataError`) and a NaN or infinite loss
+  (`jreg.train.NonFiniteLossError`, which keeps the last good checkpoint)."""
+  from jreg import data  # pylint: disable=g-import-not-at-top
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except (data.DataError, _train.NonFiniteLossError) as error:
+      print(f'FATAL: {error}', file=sys.stderr, flush=True)
+      sys.exit(1)
+
+  app.run(guarded)

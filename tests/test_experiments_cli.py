@@ -41,3 +41,23 @@ def test_bad_flags_give_one_sentence_and_nonzero_exit(tmp_path):
   assert 'Traceback' not in result.stderr
   result = _cli('experiments.synthetic_mlp')
   assert result.returncode != 0 and '--workdir is required' in result.stderr
+
+
+def test_missing_data_gives_one_sentence_and_nonzero_exit(tmp_path):
+  result = _cli('experiments.igr_mnist_sweep', f'--workdir={tmp_path / "run"}',
+                f'--data_dir={tmp_path}', '--num_steps=1')
+  assert result.returncode != 0, result.stderr[-2000:]
+  message = [line for line in result.stderr.splitlines()
+             if 'train-images-idx3-ubyte.gz is missing' in line]
+  assert len(message) == 1 and 'data_source=tfds' in message[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+
+
+def test_nan_loss_stops_the_command_with_one_sentence(tmp_path):
+  result = _cli('experiments.synthetic_mlp', f'--workdir={tmp_path}', '--epochs=1',
+                '--learning_rate=1e30', '--checkpoint_every=8', '--log_every=1')
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'non-finite loss' in result.stderr and 'Traceback' not in result.stderr
+  assert 'last good checkpoint' in result.stderr
+  # What was written before the failure is still there.
+  assert (tmp_path / 'metrics.jsonl').stat().st_size > 0
