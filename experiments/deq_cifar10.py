@@ -16,7 +16,7 @@ required flag (add --parallel=sharded on several devices or hosts):
 
 `--jacobian_weight=0` is the unregularised baseline; `--network=explicit`
 trains the explicit counterpart (the MDEQ cell unrolled with untied weights,
-see `jreg.models.mdeq.ExplicitMDEQ`). Reduced runs: notes/mdeq.md.
+see `jreg.models.mdeq.ExplicitMDEQ`). Reduced runs: BUILD_NOTES.md (MDEQ).
 
 Library contract (used by experiments/deq_imagenet.py and
 experiments/bench_deq_models.py): `build(config) -> mdeq.ClassifierFns` with
@@ -95,7 +95,7 @@ def default_config() -> dict[str, Any]:
 
 
 def small_config() -> dict[str, Any]:
-  """The reduced-scale run of notes/mdeq.md (2 CPU cores, <= 10 min per run)."""
+  """The reduced-scale run of BUILD_NOTES.md (MDEQ) (2 CPU cores, <= 10 min per run)."""
   return dict(
       default_config(), model='cifar10_small', batch_size=32, num_steps=400,
       pretrain_steps=100, forward_nfe=10, backward_nfe=10, eval_nfe=10,
@@ -456,7 +456,7 @@ def define_flags(with_preset: bool = True):
   if with_preset:
     flags.DEFINE_enum('preset', 'paper', ['paper', 'small'],
                       'paper: default_config() (Table 4); small: '
-                      'small_config(), the reduced-scale run of notes/mdeq.md.')
+                      'small_config(), the reduced-scale run of BUILD_NOTES.md (MDEQ).')
   flags.DEFINE_string('model', d['model'], 'MDEQ configuration name.')
   flags.DEFINE_enum('network', d['network'], ['mdeq', 'explicit'],
                     'mdeq: the DEQ; explicit: untied unrolled cells.')

@@ -18,7 +18,7 @@ ILSVRC2012 folders `train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG`, or tfds's
 The training loop, the two phases and the figures are those of
 experiments/deq_cifar10.py (`train_and_evaluate`); only the data and the
 configuration differ. On this machine the pipeline is run end to end on the
-10-class imagenet-mini stand-in (64x64 images): see notes/mdeq.md.
+10-class imagenet-mini stand-in (64x64 images): see BUILD_NOTES.md (MDEQ).
 """
 from __future__ import annotations
 

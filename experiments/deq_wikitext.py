@@ -14,7 +14,7 @@ on a random fraction p = 0.35 of steps with gamma raised from 1.6 to 2.5.
 
 Reduced runs here use WikiText-2 (`--dataset_name=wikitext-2`) and
 `small_config()`; `--model_architecture=transformer_xl` trains the explicit
-(untied) Transformer-XL stack instead. See notes/deq_transformer.md.
+(untied) Transformer-XL stack instead. See BUILD_NOTES.md (DEQ-Transformer).
 
 Library contract (used by experiments/bench_deq_models.py):
 `build(config) -> Built` with `init_fn(rng) -> (params, model_state)`,

@@ -13,7 +13,7 @@ two-gradient finite difference is cheaper but, in ReLU networks, only an
 approximation of the penalty term); batch-norm running statistics are updated
 once per step, by the plain evaluation.
 
-Choices the paper leaves open (documented in notes/gradient_regularization.md):
+Choices the paper leaves open (documented in BUILD_NOTES.md (gradient regularisation)):
 SGD with momentum 0.9, cosine-decayed learning rate, no weight decay (so that
 the gradient penalty is the only explicit regulariser), batch 128.
 

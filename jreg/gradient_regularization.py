@@ -92,7 +92,7 @@ DATA_PARALLEL_MODES = ('global', 'per_device')
 # do not see (they use the almost-everywhere Hessian) and that grows like
 # ε^(-1/2) as ε shrinks, until no unit crosses (ε ~ 1e-6, below float32
 # resolution); on the MNIST MLP it is O(1) relative to 2μH∇L for every
-# usable ε. See notes/gradient_regularization.md.
+# usable ε. See BUILD_NOTES.md (gradient regularisation).
 DEFAULT_FD_EPSILON = 1e-2
 
 

@@ -3,7 +3,7 @@
 Every iterator yields dicts of NumPy arrays holding this process's slice of the
 global batch and has `get_state() -> dict` (JSON) / `set_state(dict)`.
 Datasets come from `source='local'` (the standard distribution files under
-`data_dir`) or `source='tfds'`. See notes/data.md for the API and the choices.
+`data_dir`) or `source='tfds'`. See BUILD_NOTES.md (data pipelines) for the API and the choices.
 """
 from jreg.data.augment import normalize
 from jreg.data.augment import pad_crop_flip

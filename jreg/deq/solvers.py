@@ -26,7 +26,7 @@ exact residuals. `nfe` counts evaluations of f, including the one at z0.
 With `unroll=True` the loop is written out as straight-line code for exactly
 `max_iter` evaluations (no `lax.while_loop`, no early stop; `tol` then only
 decides the `converged` flag). This exists because XLA:CPU runs some ops
-(convolution gradients) much slower inside while loops; see notes/deq.md.
+(convolution gradients) much slower inside while loops; see BUILD_NOTES.md (DEQ layers).
 """
 from typing import Any, Callable, NamedTuple, Optional
 

@@ -65,7 +65,7 @@ class TransformerConfig:
   """Architecture of the DEQ-Transformer (or the explicit Transformer-XL stack).
 
   Defaults are the WikiText-103 DEQ-Transformer of the reference script
-  `DEQ-Sequence/wt103_deq_transformer_reg.sh` (see notes/deq_transformer.md).
+  `DEQ-Sequence/wt103_deq_transformer_reg.sh` (see BUILD_NOTES.md (DEQ-Transformer)).
   """
   vocab_size: int = 267_735
   d_model: int = 700            # D

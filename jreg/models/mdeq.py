@@ -23,11 +23,11 @@ The convolutions of the residual blocks and of the post-fusion step carry
 weight normalisation (`WeightNormConv2D`, w = g * v / ||v||), as in the
 reference (`WNORM: true`).
 
-Deviations from the reference, all deliberate (see notes/mdeq.md):
+Deviations from the reference, all deliberate (see BUILD_NOTES.md (MDEQ)):
   * The stem uses GroupNorm where the reference uses BatchNorm (it feeds the
     equilibrium; per-example normalisation keeps f_theta independent of the
     batch). The head uses BatchNorm as the reference does: with GroupNorm
-    there the reduced CIFAR-10 model did not learn (notes/mdeq.md). Under
+    there the reduced CIFAR-10 model did not learn (BUILD_NOTES.md (MDEQ)). Under
     `pmap` the head's batch statistics are per device (averaged by the
     engine's pmean of the model state).
   * Conv paddings follow PyTorch's explicit (k-1)/2 convention. The cell's
@@ -60,7 +60,7 @@ from jreg import deq as deq_lib
 # The cell's convolutions are initialised N(0, 0.01) as in the reference
 # (MDEQClsNet.init_weights). The stem and head use fan-in scaling instead: with
 # N(0, 0.01) there and Adam at 1e-3, the reduced-scale CIFAR-10 model collapsed
-# to chance within 20 steps (notes/mdeq.md).
+# to chance within 20 steps (BUILD_NOTES.md (MDEQ)).
 _CELL_INIT = hk.initializers.RandomNormal(stddev=0.01)
 _CONV_INIT = hk.initializers.VarianceScaling(1.0, 'fan_in', 'truncated_normal')
 
