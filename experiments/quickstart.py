@@ -4,7 +4,9 @@ Runs each experiment's `run(quickstart_config(), WORKDIR/<name>)` in turn
 (minutes on 2 CPU cores) and writes `WORKDIR/summary.json` with each one's
 results; each experiment writes its own metrics and PNG figures under its
 folder. The offline data is read from `--data_dir` (default: `../shared/data`
-beside the repository); experiments that need no files always run.
+beside the repository); an experiment whose files are missing is reported as
+skipped, with the one sentence saying how to get them, and the experiments that
+need no files always run.
 
     python -m experiments.quickstart --workdir=runs/quickstart
     python -m experiments.quickstart --workdir=runs/quickstart --only=synthetic_mlp
@@ -21,6 +23,7 @@ from absl import flags
 from absl import logging
 
 from jreg import cli
+from jreg import data
 
 # (name, module, what it shows). Order: cheapest first.
 EXPERIMENTS = (
@@ -64,12 +67,18 @@ def run(workdir: str, only: tuple[str, ...] = (), data_dir: str | None = None,
       continue
     module = importlib.import_module(module_name)
     config = module.quickstart_config()
-    if data_dir is not None and 'data_dir' in config:
-      config['data_dir'] = data_dir
+    for key in ('data_dir', 'dataset_dir'):  # the name each experiment uses
+      if data_dir is not None and key in config:
+        config[key] = data_dir
     config.update((config_overrides or {}).get(name, {}))
     logging.info('quickstart: %s (%s)', name, what)
     start = time.perf_counter()
-    results = module.run(config, os.path.join(workdir, name))
+    try:
+      results = module.run(config, os.path.join(workdir, name))
+    except data.DataError as error:
+      # The offline files are not there: the experiments that need none still run.
+      logging.warning('quickstart: %s skipped: %s', name, error)
+      results = {'skipped': str(error)}
     results = dict(results, wall_time_s=time.perf_counter() - start)
     summary[name] = results
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
@@ -89,6 +98,9 @@ def main(argv):
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   for name, results in summary.items():
+    if 'skipped' in results:
+      print(f'{name}: SKIPPED, {results["skipped"]}')
+      continue
     headline = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     print(f'{name}: ' + json.dumps(headline, default=float))
   print(f'quickstart finished: {len(summary)} experiments, results in '

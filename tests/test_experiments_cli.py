@@ -25,6 +25,10 @@ def test_quickstart_runs_and_summarises(tmp_path):
                            config_overrides={'synthetic_mlp': {'epochs': 1}})
   assert set(summary) == {'synthetic_mlp'}
   assert json.loads((tmp_path / 'summary.json').read_text())['synthetic_mlp']
+  # Without the offline files, data experiments are skipped with the reason.
+  skipped = quickstart.run(str(tmp_path / 'nodata'), only=('igr_mnist_sweep',),
+                           data_dir=str(tmp_path))
+  assert 'train-images-idx3-ubyte.gz' in skipped['igr_mnist_sweep']['skipped']
   with pytest.raises(ValueError, match='unknown experiments'):
     quickstart.run(str(tmp_path), only=('nonsense',))
 
