@@ -60,8 +60,7 @@ def jacobian_frobenius_estimate(f: Callable[[PyTree], PyTree], z_star: PyTree,
   for key in jax.random.split(rng, num_vectors):
     keys = jax.random.split(key, len(leaves))
     eps = jax.tree.unflatten(treedef, [
-        jax.random.normal(k, l.shape, l.dtype,
-                          out_sharding=jax.typeof(l).sharding)
+        jax.random.normal(k, l.shape, l.dtype)
         for k, l in zip(keys, leaves)])
     (eps_j,) = vjp(eps)
     total = total + sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(eps_j))
@@ -106,8 +105,7 @@ def spectral_radius(f: Callable[[PyTree], PyTree], z_star: PyTree,
   flat, unflatten = solvers.flatten_batch(z_star)
   _, jvp_fn = jax.linearize(lambda z: solvers.flatten_batch(f(unflatten(z)))[0],
                             flat)
-  v0 = jax.random.normal(rng, flat.shape, flat.dtype,
-                         out_sharding=jax.typeof(flat).sharding)
+  v0 = jax.random.normal(rng, flat.shape, flat.dtype)
   v0 = v0 / jnp.linalg.norm(v0, axis=-1, keepdims=True)
   start = num_iters // 2
 

@@ -131,26 +131,6 @@ def flatten_batch(tree: PyTree):
   return flat, unflatten
 
 
-def _batch_zeros(like: jax.Array, shape, dtype) -> jax.Array:
-  """Zeros of `shape` = (B, ...) sharded like `like`'s batch axis.
-
-  Built from `like` so that under explicit sharding (jreg.train's 'sharded'
-  mode) solver buffers carry the batch sharding of the state.
-  """
-  base = jnp.zeros_like(like[:, :1], dtype=dtype)  # [B, 1]
-  return jnp.broadcast_to(base.reshape((shape[0],) + (1,) * (len(shape) - 1)),
-                          shape)
-
-
-def _placed_like(x: jax.Array, ref: jax.Array) -> jax.Array:
-  """x with ref's sharding type (x + 0 * ref; ref is f(z0), x is z0).
-
-  Under explicit sharding a z0 built inside the model (jnp.zeros) is
-  replicated while f(z0) is batch-sharded; the loop carry needs one type.
-  """
-  return x + jnp.zeros_like(ref)
-
-
 def _accumulation_dtype(dtype):
   """float32 for low-precision states, else the state's own float type."""
   return jnp.promote_types(dtype, jnp.float32)
@@ -248,7 +228,7 @@ def fixed_point_iteration(f: Callable[[PyTree], PyTree], z0: PyTree, *,
 
   def init():
     fz = ff(flat0)
-    z_init = _placed_like(flat0, fz)
+    z_init = flat0
     return (z_init, fz), _init_best(z_init, fz), 1
 
   def step(carry, best):
@@ -307,20 +287,20 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
 
   def init():
     fz = ff(flat0)
-    z_init = _placed_like(flat0, fz)
+    z_init = flat0
     g = fz - z_init
-    zeros = _batch_zeros(z_init, (batch, m, dim), z_init.dtype)
+    zeros = jnp.zeros((batch, m, dim), z_init.dtype)
     fs = zeros.at[:, 0].set(fz)                                      # [B, m, D]
     gs = zeros.at[:, 0].set(g)                                       # [B, m, D]
     g32 = g.astype(acc)
-    gram = _batch_zeros(z_init, (batch, m, m), acc).at[:, 0, 0].set(
+    gram = jnp.zeros((batch, m, m), acc).at[:, 0, 0].set(
         jnp.sum(g32 * g32, axis=-1))                                 # [B, m, m]
     return (fs, gs, gram, jnp.asarray(1, jnp.int32)), _init_best(z_init, fz), 1
 
   def step(carry, best):
     fs, gs, gram, k = carry
     valid = (jnp.arange(m) < jnp.minimum(k, m)).astype(acc)  # [m]
-    system = _batch_zeros(gram[:, 0], (batch, m + 1, m + 1), acc)
+    system = jnp.zeros((batch, m + 1, m + 1), acc)
     system = system.at[:, 0, 1:].set(valid).at[:, 1:, 0].set(valid)
     if ridge_relative:
       diag = jnp.diagonal(gram, axis1=1, axis2=2)                      # [B, m]
@@ -329,7 +309,7 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     else:
       regulariser = ridge * jnp.eye(m)
     system = system.at[:, 1:, 1:].set(gram + regulariser)
-    rhs = _batch_zeros(gram[:, 0], (batch, m + 1), acc).at[:, 0].set(1.0)
+    rhs = jnp.zeros((batch, m + 1), acc).at[:, 0].set(1.0)
     alpha = jnp.linalg.solve(system, rhs[..., None])[:, 1:, 0]         # [B, m]
     alpha = alpha.astype(flat0.dtype)
     # sum_i alpha_i z_i = sum_i alpha_i (f(z_i) - G_i), so only F and G are kept.
@@ -391,10 +371,10 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
 
   def init():
     fz = ff(flat0)
-    z_init = _placed_like(flat0, fz)
+    z_init = flat0
     gz = fz - z_init
-    us = _batch_zeros(z_init, (batch, r, dim), z_init.dtype)  # [B, r, D]
-    vs = _batch_zeros(z_init, (batch, r, dim), z_init.dtype)  # [B, r, D]
+    us = jnp.zeros((batch, r, dim), z_init.dtype)  # [B, r, D]
+    vs = jnp.zeros((batch, r, dim), z_init.dtype)  # [B, r, D]
     carry = (z_init, gz, us, vs, gz, jnp.asarray(0, jnp.int32))
     return carry, _init_best(z_init, fz), 1
 
