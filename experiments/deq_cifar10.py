@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jreg import checkpoint as checkpoint_lib
 from jreg import cli
 from jreg import data
 from jreg import deq
@@ -264,10 +263,8 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, train_iter,
 
   Phase 1 (`pretrain_steps` updates): the unrolled weight-tied network
   (`num_layers` cell applications, ordinary backprop); phase 2 (up to
-  `num_steps`): the implicit DEQ with the Jacobian term. Both phases go
-  through `jreg.train.fit` on the same workdir, so phase 2 continues from phase
-  1's checkpoint (optimizer state, schedule and data position included) and a
-  killed run resumes in whichever phase it stopped.
+  `num_steps`): the implicit DEQ with the Jacobian term. Both are phases of one
+  `jreg.train.fit` call, so a killed run resumes in whichever phase it stopped.
 
   Args:
     config: a full configuration (see `default_config`).
@@ -299,21 +296,18 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, train_iter,
   pretrain_steps = min(config['pretrain_steps'], num_steps)
   if config['network'] == 'explicit':
     pretrain_steps = 0
-  history = []
-  checkpointer = checkpoint_lib.Checkpointer(workdir)
-  done = checkpointer.latest_step() or 0
-  checkpointer.close()
-  if pretrain_steps and done < pretrain_steps:
-    logging.info('MDEQ: unrolled weight-tied pre-training, %d steps',
-                 pretrain_steps)
-    state, records = train.fit(grad_fn=fns.pretrain_grad_fn,
-                               num_steps=pretrain_steps, **common)
-    history += [dict(r, phase='pretrain') for r in records]
-  if num_steps > pretrain_steps or not history:
-    logging.info('MDEQ: %s phase to step %d', config['network'], num_steps)
-    state, records = train.fit(grad_fn=fns.grad_fn, num_steps=num_steps,
-                               **common)
-    history += [dict(r, phase=config['network']) for r in records]
+  # Phase 1 (steps 1..pretrain_steps): the unrolled weight-tied network;
+  # phase 2: the implicit DEQ. One fit, so a killed run resumes in its phase.
+  phases = [(num_steps, fns.grad_fn)]
+  if pretrain_steps == num_steps:
+    phases = [(num_steps, fns.pretrain_grad_fn)]
+  elif pretrain_steps:
+    phases.insert(0, (pretrain_steps, fns.pretrain_grad_fn))
+  logging.info('MDEQ: %d unrolled pre-training steps, then %s to step %d',
+               pretrain_steps, config['network'], num_steps)
+  state, records = train.fit(grad_fn=phases, num_steps=num_steps, **common)
+  history = [dict(r, phase='pretrain' if r['step'] <= pretrain_steps
+                  else config['network']) for r in records]
   evals = [r for r in history if r['split'] == 'eval']
   return dict(history=history, final_eval=evals[-1] if evals else None,
               num_params=mdeq.count_params(state.params),
