@@ -133,3 +133,51 @@ def resolve_process(process_index: Optional[int],
                      f'[0, process_count={process_count}).')
   return int(process_index), int(process_count)
 
+
+def resolve_batch_sharding(mode: str, global_batch_size: int,
+                           process_index: Optional[int],
+                           process_count: Optional[int]) -> tuple[int, int]:
+  """Checks an iterator's mode and global batch; returns this process's slice.
+
+  Returns:
+    `(process_index, process_count)`, defaulting to JAX's.
+
+  Raises:
+    ValueError: an unknown mode, or a global batch that is not a positive
+      multiple of the number of processes.
+  """
+  if mode not in ('train', 'eval'):
+    raise ValueError(f"mode {mode!r} is not one of ('train', 'eval').")
+  process_index, process_count = resolve_process(process_index, process_count)
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(
+        f'global_batch_size={global_batch_size} must be a positive multiple '
+        f'of process_count={process_count}.')
+  return process_index, process_count
+
+
+class EpochStepPosition:
+  """`get_state`/`set_state` of an iterator whose position is (epoch, step).
+
+  Subclasses keep `self._epoch`, `self._step` and the attributes named in
+  `_IDENTITY` (as `self._<name>`); a saved state is only accepted by an
+  iterator over the same data and configuration.
+  """
+  _IDENTITY: tuple[str, ...] = ()
+
+  def get_state(self) -> dict[str, Any]:
+    """The position as a JSON-serialisable dict."""
+    return dict({'epoch': self._epoch, 'step': self._step},
+                **{key: getattr(self, '_' + key) for key in self._IDENTITY})
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Moves to a position saved by `get_state` of a like iterator."""
+    for key in self._IDENTITY:
+      if state[key] != getattr(self, '_' + key):
+        raise ValueError(
+            f'iterator state has {key}={state[key]!r} but this iterator has '
+            f'{getattr(self, "_" + key)!r}; it was saved by a different '
+            'dataset or configuration.')
+    self._epoch = int(state['epoch'])
+    self._step = int(state['step'])
+

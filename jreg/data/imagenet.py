@@ -400,16 +400,10 @@ def imagenet_iterator(split: str, global_batch_size: int, *,
     num_epochs: train mode: stop after this many epochs.
     records: an `imagenet_source(...)` result to reuse (skips listing files).
   """
-  if mode not in ('train', 'eval'):
-    raise ValueError(f"mode {mode!r} is not one of ('train', 'eval').")
   if image_size < 1:
     raise ValueError(f'image_size={image_size} must be positive.')
-  process_index, process_count = common.resolve_process(process_index,
-                                                        process_count)
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(
-        f'global_batch_size={global_batch_size} must be a positive multiple '
-        f'of process_count={process_count}.')
+  process_index, process_count = common.resolve_batch_sharding(
+      mode, global_batch_size, process_index, process_count)
   if records is None:
     records = imagenet_source(split, source=source, data_dir=data_dir,
                               manual_dir=manual_dir)

@@ -23,7 +23,7 @@ restored.
 G; the last global batch is padded (with copies of example 0) to G rows and
 each batch carries `'mask'`: bool [B], True for real examples.
 """
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
@@ -31,16 +31,17 @@ from jreg.data import common
 
 # transform(batch, keys) -> batch: `keys` is int64 [B], one random key per row.
 Transform = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]]
-MODES = ('train', 'eval')
 
 
-class ArrayIterator:
+class ArrayIterator(common.EpochStepPosition):
   """Batches of in-memory arrays with a saveable, exactly restorable position.
 
   Yields dicts `{name: array[B, ...]}` (B = global_batch_size // process_count)
   after `transform`, plus `'mask'` in eval mode. Iteration is endless in train
   mode unless `num_epochs` is given, and one pass in eval mode.
   """
+  # A saved position is accepted only by an iterator over the same data.
+  _IDENTITY = ('seed', 'mode', 'num_examples', 'global_batch_size')
 
   def __init__(self,
                arrays: Mapping[str, np.ndarray],
@@ -66,8 +67,6 @@ class ArrayIterator:
       process_count: number of processes (default `jax.process_count()`).
       num_epochs: stop after this many epochs in train mode (None: endless).
     """
-    if mode not in MODES:
-      raise ValueError(f'mode {mode!r} is not one of {MODES}.')
     if not arrays:
       raise ValueError('ArrayIterator needs at least one array.')
     sizes = {name: len(value) for name, value in arrays.items()}
@@ -75,12 +74,8 @@ class ArrayIterator:
       raise ValueError(f'arrays have different numbers of examples: {sizes}.')
     self._arrays = dict(arrays)
     self._num_examples = next(iter(sizes.values()))
-    self._process_index, self._process_count = common.resolve_process(
-        process_index, process_count)
-    if global_batch_size < 1 or global_batch_size % self._process_count:
-      raise ValueError(
-          f'global_batch_size={global_batch_size} must be a positive multiple '
-          f'of process_count={self._process_count}.')
+    self._process_index, self._process_count = common.resolve_batch_sharding(
+        mode, global_batch_size, process_index, process_count)
     if mode == 'train' and global_batch_size > self._num_examples:
       raise ValueError(
           f'global_batch_size={global_batch_size} exceeds the '
@@ -120,25 +115,6 @@ class ArrayIterator:
 
   def __len__(self) -> int:
     return self.steps_per_epoch
-
-  # -- position -------------------------------------------------------------
-
-  def get_state(self) -> dict[str, Any]:
-    """The position as a JSON-serialisable dict."""
-    return {'epoch': self._epoch, 'step': self._step, 'seed': self._seed,
-            'mode': self._mode, 'num_examples': self._num_examples,
-            'global_batch_size': self._global_batch_size}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    """Moves to a position saved by `get_state` of a like iterator."""
-    for key in ('seed', 'mode', 'num_examples', 'global_batch_size'):
-      if state[key] != getattr(self, '_' + key):
-        raise ValueError(
-            f'iterator state has {key}={state[key]!r} but this iterator has '
-            f'{getattr(self, "_" + key)!r}; it was saved by a different '
-            'dataset or configuration.')
-    self._epoch = int(state['epoch'])
-    self._step = int(state['step'])
 
   # -- iteration ------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import collections
 import json
 import pathlib
 import time
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -246,7 +246,7 @@ def load_wikitext(variant: str = 'wikitext-103', *, source: str = 'local',
   return WikiTextCorpus(vocabulary, splits)
 
 
-class LMOrderedIterator:
+class LMOrderedIterator(common.EpochStepPosition):
   """Ordered [B, T] language-modelling batches with shifted targets.
 
   Transformer-XL's `LMOrderedIterator` (see module docstring), sharded by
@@ -263,19 +263,15 @@ class LMOrderedIterator:
 
   Yields `{'inputs': int32 [B, T], 'targets': int32 [B, T]}` (+ `'mask'`).
   """
+  _IDENTITY = ('mode', 'num_tokens', 'seq_len', 'global_batch_size')
+
 
   def __init__(self, tokens: np.ndarray, global_batch_size: int, seq_len: int,
                *, mode: str = 'train', process_index: Optional[int] = None,
                process_count: Optional[int] = None,
                num_epochs: Optional[int] = None):
-    if mode not in ('train', 'eval'):
-      raise ValueError(f"mode {mode!r} is not one of ('train', 'eval').")
-    process_index, process_count = common.resolve_process(process_index,
-                                                          process_count)
-    if global_batch_size < 1 or global_batch_size % process_count:
-      raise ValueError(
-          f'global_batch_size={global_batch_size} must be a positive multiple '
-          f'of process_count={process_count}.')
+    process_index, process_count = common.resolve_batch_sharding(
+        mode, global_batch_size, process_index, process_count)
     row_length = len(tokens) // global_batch_size
     if seq_len < 1 or row_length < seq_len + 1:
       raise ValueError(
@@ -303,21 +299,6 @@ class LMOrderedIterator:
 
   def __len__(self) -> int:
     return self.steps_per_epoch
-
-  def get_state(self) -> dict[str, Any]:
-    return {'epoch': self._epoch, 'step': self._step, 'mode': self._mode,
-            'num_tokens': self._num_tokens, 'seq_len': self._seq_len,
-            'global_batch_size': self._global_batch_size}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    for key in ('mode', 'num_tokens', 'seq_len', 'global_batch_size'):
-      if state[key] != getattr(self, '_' + key):
-        raise ValueError(
-            f'iterator state has {key}={state[key]!r} but this iterator has '
-            f'{getattr(self, "_" + key)!r}; it was saved by a different '
-            'dataset or configuration.')
-    self._epoch = int(state['epoch'])
-    self._step = int(state['step'])
 
   def __iter__(self) -> 'LMOrderedIterator':
     return self
