@@ -314,19 +314,18 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, train_iter,
               train_wall_time=time.perf_counter() - clock['start'] - clock['eval'])
 
 
-def _subset(arrays, size):
-  return arrays if not size else {k: v[:size] for k, v in arrays.items()}
-
 
 def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
   """Trains one CIFAR-10 MDEQ run; writes results.json and figures."""
   config = dict(default_config(), **dict(config))
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  arrays = {split: _subset(data.load_cifar10(split, source=config['data_source'],
-                                             data_dir=config['data_dir']),
-                           config[f'{split}_examples'])
-            for split in ('train', 'test')}
+  arrays = {
+      split: data.first_examples(
+          data.load_cifar10(split, source=config['data_source'],
+                            data_dir=config['data_dir']),
+          config[f'{split}_examples'])
+      for split in ('train', 'test')}
   train_size = len(arrays['train']['label'])
   if train_size < config['batch_size']:
     raise ValueError(f'the training set ({train_size} examples) is smaller than '
@@ -336,7 +335,8 @@ def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
 
   def eval_batches(batch_size, max_examples=0):
     return data.cifar10_iterator('test', batch_size, mode='eval',
-                                 arrays=_subset(arrays['test'], max_examples))
+                                 arrays=data.first_examples(arrays['test'],
+                                                            max_examples))
 
   train_iter = data.cifar10_iterator('train', config['batch_size'],
                                      seed=config['seed'],

@@ -172,9 +172,6 @@ def train_one(config, arrays, model_name, coefficient, workdir):
       param_norm=float(optax.tree.norm(state.params)))
 
 
-def _subset(arrays, size):
-  return arrays if not size else {k: v[:size] for k, v in arrays.items()}
-
 
 def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
   """Trains every (model, μ); writes results.json and test_accuracy_vs_mu.png."""
@@ -182,9 +179,10 @@ def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   arrays = {
-      split: _subset(data.load_cifar10(split, source=config['data_source'],
-                                       data_dir=config['data_dir']),
-                     config[f'{split}_examples'])
+      split: data.first_examples(
+          data.load_cifar10(split, source=config['data_source'],
+                            data_dir=config['data_dir']),
+          config[f'{split}_examples'])
       for split in ('train', 'test')}
   if len(arrays['train']['label']) < config['batch_size']:
     raise ValueError(f'train_examples={config["train_examples"]} is smaller '

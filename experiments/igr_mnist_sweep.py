@@ -168,9 +168,6 @@ def full_batch_gradient(model, params, batches, summed=None) -> Any:
   return jax.tree.map(lambda g: g / count, total)
 
 
-def _subset(arrays, size):
-  return arrays if not size else {k: v[:size] for k, v in arrays.items()}
-
 
 @functools.lru_cache(maxsize=None)
 def _model_and_functions(width, num_layers):
@@ -240,9 +237,10 @@ def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   arrays = {
-      split: _subset(data.load_mnist(split, source=config['data_source'],
-                                     data_dir=config['data_dir']),
-                     config[f'{split}_examples'])
+      split: data.first_examples(
+          data.load_mnist(split, source=config['data_source'],
+                          data_dir=config['data_dir']),
+          config[f'{split}_examples'])
       for split in ('train', 'test')}
   if len(arrays['train']['label']) < config['batch_size']:
     raise ValueError(f'train_examples={config["train_examples"]} is smaller '

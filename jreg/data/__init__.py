@@ -10,6 +10,7 @@ from jreg.data.augment import pad_crop_flip
 from jreg.data.cifar10 import cifar10_iterator
 from jreg.data.cifar10 import load_cifar10
 from jreg.data.common import DataError
+from jreg.data.common import first_examples
 from jreg.data.common import default_data_dir
 from jreg.data.common import SOURCES
 from jreg.data.iterator import ArrayIterator

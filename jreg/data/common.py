@@ -181,3 +181,9 @@ class EpochStepPosition:
     self._epoch = int(state['epoch'])
     self._step = int(state['step'])
 
+
+
+def first_examples(arrays: Mapping[str, np.ndarray], size: int) -> dict:
+  """The first `size` examples of each array (all of them when `size` is 0);
+  experiments use it for reduced-scale runs on a prefix of a split."""
+  return dict(arrays) if not size else {k: v[:size] for k, v in arrays.items()}
