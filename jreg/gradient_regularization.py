@@ -288,7 +288,9 @@ def _strength_value(strength, scale):
     strength = jnp.asarray(strength)
   if scale is None:
     return strength
-  return jnp.asarray(strength) * scale
+  # Not weakly typed: a float32 factor must not round a float64 strength.
+  float_dtype = jnp.result_type(float)
+  return jnp.asarray(strength, float_dtype) * scale.astype(float_dtype)
 
 
 def _penalized_core(loss_fn: Callable[..., Any], *, has_aux: bool, mu,
@@ -763,7 +765,12 @@ def _family_core(loss_fn: Callable[..., Any], *, has_aux: bool, form: str,
 
   def core(params, *args, scales=(None, None)):
     strength_value = _strength_value(strength, scales[0])
-    radius_value = radius if scales[1] is None else radius * scales[1]
+    if scales[1] is None:
+      radius_value = radius
+    else:
+      float_dtype = jnp.result_type(float)
+      radius_value = (jnp.asarray(radius, float_dtype) *
+                      scales[1].astype(float_dtype))
 
     def single(params, strength_j, *args):
       def loss_with_aux(p):
