@@ -34,7 +34,6 @@ from absl import logging
 import haiku as hk
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
 
@@ -97,26 +96,37 @@ def mlp(width: int) -> hk.Transformed:
 
 
 def population_statistics(loss, params, images, labels, chunk_size):
-  """(G = mean gradient, tr Σ, ‖G‖²) from every example's own gradient."""
-  per_example = jax.jit(jax.vmap(
-      lambda x, y: ravel_pytree(
-          jax.grad(loss)(params, x[None], y[None]))[0]))
-  total, total_sq, n = 0.0, 0.0, len(labels)
+  """(‖G‖², tr Σ) with G the mean gradient, from every example's gradient.
+
+  tr Σ = (1/N) Σₙ ‖gₙ‖² − ‖G‖² (population covariance of one example's
+  gradient gₙ).
+  """
+  @jax.jit
+  def chunk_sums(x, y):   # x [C, 28, 28, 1]
+    summed = jax.grad(lambda p: loss(p, x, y) * x.shape[0])(params)  # Σₙ gₙ
+    norms_sq = jax.vmap(lambda xn, yn: gr.gradient_norm_sq(
+        jax.grad(loss)(params, xn[None], yn[None])))(x, y)           # [C]
+    return summed, jnp.sum(norms_sq)
+
+  n = len(labels)
+  if n % chunk_size:
+    raise ValueError(f'The population of {n} examples is not a multiple of '
+                     f'chunk_size={chunk_size}.')
+  total, total_sq = None, 0.0
   for start in range(0, n, chunk_size):
-    grads = per_example(images[start:start + chunk_size],
-                        labels[start:start + chunk_size])  # [chunk, m]
-    total = total + jnp.sum(grads, axis=0)
-    total_sq = total_sq + float(jnp.sum(grads ** 2))
-  mean = total / n
-  norm_sq = float(mean @ mean)
-  return mean, total_sq / n - norm_sq, norm_sq
+    summed, norms_sq = chunk_sums(images[start:start + chunk_size],
+                                  labels[start:start + chunk_size])
+    total = summed if total is None else jax.tree.map(jnp.add, total, summed)
+    total_sq += float(norms_sq)
+  norm_sq = float(gr.gradient_norm_sq(total)) / n ** 2
+  return norm_sq, total_sq / n - norm_sq
 
 
 def measure(loss, params, images, labels, config, rng) -> dict[str, Any]:
   """The naive and split estimates against the exact values at `params`."""
   n = len(labels)
-  _, trace, norm_sq = population_statistics(loss, params, images, labels,
-                                            config['chunk_size'])
+  norm_sq, trace = population_statistics(loss, params, images, labels,
+                                         config['chunk_size'])
 
   @jax.jit
   def estimates(x, y):   # x [B, 28, 28, 1]: (‖ḡ_B‖², U from two halves)

@@ -304,6 +304,34 @@ def test_grad_fn_warmup_through_the_engine(tmp_path):
     grad_fn(params0, {}, None, {'x': arrays['x'], 'y': arrays['y']})
 
 
+def test_family_grad_fn_with_radius_warmup():
+  """finite_difference_grad_fn in the engine contract: the 'r' warm-up gives
+  the plain gradient at t = 0 and SAM with r·t/T after; metrics follow."""
+  params, x, y = _problem(np.float32)
+  r, warm = 0.05, gr.PenaltyWarmup(2, 'r')
+
+  def loss_fn(p, model_state, rng_key, batch):
+    del rng_key
+    loss = _loss(p, batch['x'], batch['y'])
+    return loss, (model_state, {'mse': loss})
+
+  grad_fn = jax.jit(gr.finite_difference_grad_fn(
+      loss_fn, radius=r, alpha=1.0, warmup=warm, learning_rate=0.1))
+  state = gr.add_penalty_step_counter({})
+  batch = {'x': x, 'y': y}
+  expected = [_grad(params, x, y), _sam_reference(params, x, y, r / 2),
+              _sam_reference(params, x, y, r)]
+  for t in range(3):
+    (loss, (state, metrics)), grads = grad_fn(params, state, None, batch)
+    assert _max_abs_diff(grads, expected[t]) < 1e-6, t
+    np.testing.assert_allclose(metrics['perturbation_radius'], r * t / 2,
+                               rtol=1e-6)
+    norm = float(jnp.sqrt(gr.gradient_norm_sq(expected[0])))
+    np.testing.assert_allclose(metrics['penalty'], r * t / 2 * norm, rtol=1e-5)
+  assert int(state[gr.PENALTY_STATE_KEY]['step']) == 3
+  assert float(metrics['mse']) == pytest.approx(float(loss))
+
+
 # --- per-block strengths -----------------------------------------------------
 
 
