@@ -224,7 +224,7 @@ def _plot(results, path):
       ax.axhline(point['full_grad_norm_sq'], color='k', ls=':',
                  label='‖G‖² (full batch)')
       ax.set(xscale='log', yscale='log', xlabel='batch size B',
-             ylabel='squared gradient norm (nats²)',
+             ylabel='squared gradient norm ((nat / param. unit)²)',
              title=f'MNIST MLP, {name}')
       ax.grid(alpha=0.3)
     axes[0].legend(fontsize='x-small')

@@ -479,3 +479,25 @@ def test_bad_options_raise():
     gr.unbiased_penalty_value_and_grad(_loss, coefficient=0.1, num_splits=1)
   with pytest.raises(ValueError, match='one value per microbatch'):
     f(radius=0.1, alpha=(1.0, 0.5), num_groups=3)
+
+
+# --- the MNIST measurement script, on a small population ----------------------
+
+
+def test_gradient_noise_bias_experiment(tmp_path, shared_data):
+  from experiments import gradient_noise_bias  # pylint: disable=g-import-not-at-top
+  config = dict(train_examples=400, chunk_size=200, batch_sizes=[8, 40],
+                num_draws=40, train_steps=0, width=16,
+                data_dir=str(shared_data))
+  results = gradient_noise_bias.run(config, str(tmp_path))
+  assert (tmp_path / 'results.json').exists()
+  assert (tmp_path / 'gradient_noise_bias.png').exists()
+  point = results['points']['initialisation']
+  assert point['population'] == 400 and point['trace_sigma'] > 0
+  for row in point['rows']:
+    assert abs(row['naive_bias'] - row['predicted_naive_bias']) < 4 * row['naive_se']
+    assert abs(row['unbiased_bias'] - row['predicted_unbiased_bias']) < (
+        4 * row['unbiased_se'])
+  with pytest.raises(ValueError, match='even'):
+    gradient_noise_bias.check_config(dict(gradient_noise_bias.default_config(),
+                                          batch_sizes=[7]))
