@@ -452,6 +452,48 @@ def test_unbiased_estimate_monte_carlo_against_closed_forms():
         assert abs(float(unbiased.mean()) - norm_sq) > 4 * se(unbiased)
 
 
+def test_unbiased_grad_fn_metrics_and_pmap():
+  """grad_fn metrics; under pmap ('global') split i gathers slice i of every
+  device, the same as one device on the batch reordered that way."""
+  params, x, y = _problem(np.float32)
+  mu, k, devices = 0.3, 2, 4
+
+  def loss_fn(p, model_state, rng_key, batch):
+    del rng_key
+    return _loss(p, batch['x'], batch['y']), (model_state, {})
+
+  grad_fn = gr.unbiased_penalty_grad_fn(loss_fn, coefficient=mu, num_splits=k,
+                                        learning_rate=0.1)
+  batch = {'x': x, 'y': y}
+  (_, (_, metrics)), grads = jax.jit(grad_fn)(params, {}, None, batch)
+  split = jax.vmap(_grad, in_axes=(None, 0, 0))(
+      params, x.reshape(k, -1, 3), y.reshape(k, -1, 2))
+  u = float(gr.unbiased_gradient_norm_sq(split))
+  np.testing.assert_allclose(metrics['grad_norm_sq_unbiased'], u, rtol=1e-5)
+  np.testing.assert_allclose(metrics['penalty'], mu * u, rtol=1e-5)
+  np.testing.assert_allclose(
+      metrics['grad_norm_sq'], gr.gradient_norm_sq(_grad(params, x, y)),
+      rtol=1e-5)
+
+  def step(p, xb, yb):
+    out = grad_fn(p, {}, None, {'x': xb, 'y': yb}, axis_name='i')
+    return jax.lax.pmean(out, 'i')
+
+  shard = lambda a: a.reshape((devices, -1) + a.shape[1:])  # noqa: E731
+  (_, (_, pmetrics)), pgrads = jax.pmap(step, axis_name='i',
+                                        in_axes=(None, 0, 0))(
+                                            params, shard(x), shard(y))
+  # Device d holds rows [8d, 8d+8); its split i is rows [8d+4i, 8d+4i+4).
+  order = np.concatenate([np.arange(8 * d + 4 * i, 8 * d + 4 * i + 4)
+                          for i in range(k) for d in range(devices)])
+  reordered = {'x': x[order], 'y': y[order]}
+  (_, (_, rmetrics)), rgrads = jax.jit(grad_fn)(params, {}, None, reordered)
+  assert _max_abs_diff(jax.tree.map(lambda g: g[0], pgrads), rgrads) < (
+      2e-6 * _max_abs(rgrads))
+  np.testing.assert_allclose(pmetrics['grad_norm_sq_unbiased'][0],
+                             rmetrics['grad_norm_sq_unbiased'], rtol=1e-4)
+
+
 # --- bad options --------------------------------------------------------------
 
 
