@@ -516,10 +516,10 @@ def gradient_penalty_grad_fn(
 #   [GGFSG22] J. Geiping, M. Goldblum, P. Pope, M. Moeller and T. Goldstein,
 #     "Stochastic Training is Not Necessary for Generalization", ICLR 2022
 #     (code: github.com/JonasGeiping/fullbatchtraining).
-#   [RDBG22] M. Rosca, Y. Wu, C. Qin and B. Dherin, "On a continuous time model
-#     of gradient descent dynamics and instability in deep learning" /
-#     "Discretization drift in two-player games" (code:
-#     github.com/google-deepmind/discretisation_drift, regularizer_estimates).
+#   [RWDB21] M. Rosca, Y. Wu, B. Dherin and D. G. T. Barrett, "Discretization
+#     Drift in Two-Player Games", ICML 2021 (code:
+#     github.com/google-deepmind/discretisation_drift,
+#     dd_two_player_games/regularizer_estimates.py).
 # ===========================================================================
 
 DIFFERENCES = ('forward', 'central')
@@ -870,8 +870,8 @@ def finite_difference_value_and_grad(
                    `penalized_value_and_grad` (error μ‖∇L‖·r·∇³L[ĝ,ĝ] + O(r²)
                    forward, O(r²) central). The forward form is then exactly
                    `method='finite_difference'` with fd_epsilon = r.
-                   [KTHO23] write the same forward/central differences for
-                   L + (γ/2)‖∇L‖² (γ = 2μ).
+                   [KTHO23] study finite-difference computations of this
+                   penalty (their L + (γ/2)‖∇L‖², γ = 2μ).
 
   fullbatchtraining's 'central-differences' ([GGFSG22], GradRegularizer) is
   the central form with their `eps` = 2r (points θ ± (eps/2)ĝ, difference
@@ -995,7 +995,7 @@ def finite_difference_grad_fn(
 
 
 # ---------------------------------------------------------------------------
-# The unbiased split-batch penalty ([RDBG22]'s cross-product estimators).
+# The unbiased split-batch penalty ([RWDB21]'s cross-product estimators).
 # ---------------------------------------------------------------------------
 
 
@@ -1124,7 +1124,7 @@ def unbiased_penalty_value_and_grad(
   ‖∇L_B‖² on a minibatch overestimates ‖∇L‖² by the gradient noise,
   tr(Σ)/B (`unbiased_gradient_norm_sq`), so L + μ‖∇L_B‖² penalises the noise
   as well as the gradient. Splitting the batch into k independent splits and
-  penalising U = (1/(k(k−1))) Σ_{i≠j}⟨gᵢ, gⱼ⟩ removes that term ([RDBG22]'s
+  penalising U = (1/(k(k−1))) Σ_{i≠j}⟨gᵢ, gⱼ⟩ removes that term ([RWDB21]'s
   unbiased cross-product estimators). Its gradient is
 
       ∇U = (2/(k(k−1))) Σᵢ Hᵢ Σ_{j≠i} gⱼ     (k = 2: ∇⟨g_A, g_B⟩ = H_A g_B + H_B g_A)
