@@ -79,6 +79,13 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+__all__ = (
+    'DATA_PARALLEL_MODES', 'DEFAULT_FD_EPSILON', 'METHODS',
+    'coefficient_from_rate', 'gradient_norm_sq', 'gradient_penalty_grad_fn',
+    'implicit_regularization_rate', 'implicit_regularizer', 'modified_loss',
+    'num_parameters', 'penalized_value_and_grad',
+)
+
 PyTree = Any
 Method = Literal['double_backprop', 'hvp', 'finite_difference']
 DataParallel = Literal['global', 'per_device']
@@ -445,7 +452,7 @@ def gradient_penalty_grad_fn(
 
   `loss_fn(params, model_state, rng, batch) -> (loss, (model_state, metrics))`
   becomes `grad_fn(params, model_state, rng, batch, axis_name=None) ->
-  ((loss, (model_state, metrics)), grads)` (the contract in BUILD_NOTES.md).
+  ((loss, (model_state, metrics)), grads)` (the contract in docs/architecture.md).
   The model state returned is the one from the plain evaluation at θ; the
   extra evaluations start from the same input state and their state is
   dropped. With `coefficient=0` the gradient is the plain one and only the

@@ -1,7 +1,14 @@
-"""PNG figures with matplotlib's Agg backend (no display needed).
+"""PNG figures without touching matplotlib's global backend.
 
-`figure(path)` is a context manager that yields a `(fig, ax)` pair and writes
+`figure(path)` is a context manager that yields a `(fig, axes)` pair and writes
 the PNG when the block ends; `curves` draws several metric series on one axis.
+
+Figures are `matplotlib.figure.Figure` objects drawn on their own Agg canvas
+(`FigureCanvasAgg`), never through `pyplot`: importing this module does not
+call `matplotlib.use`, so a notebook keeps its inline backend, and the figures
+are not registered with pyplot (nothing to close, no leaked windows). A
+figure made with `path=None` is returned to the caller, and a notebook shows
+it inline when it is the value of a cell (or with `IPython.display.display`).
 """
 from __future__ import annotations
 
@@ -9,25 +16,45 @@ import contextlib
 import os
 from typing import Mapping, Optional, Sequence
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
-import numpy as np  # noqa: E402
+
+def new_figure(ncols: int = 1, nrows: int = 1, size=(5.0, 3.6), **kwargs):
+  """A `(fig, axes)` pair on an Agg canvas; `axes` as `Figure.subplots` gives.
+
+  Args:
+    ncols, nrows: the grid of axes.
+    size: (width, height) in inches of one panel.
+    **kwargs: passed to `Figure.subplots` (e.g. `sharex`, `subplot_kw`).
+  """
+  fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
+  FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+  axes = fig.subplots(nrows, ncols, **kwargs)
+  return fig, axes
+
+
+def save(fig: Figure, path: str, dpi: int = 120) -> None:
+  """Writes `fig` as a PNG at `path` (creating its directory)."""
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=dpi)
 
 
 @contextlib.contextmanager
-def figure(path: str, ncols: int = 1, nrows: int = 1, size=(5.0, 3.6), **kwargs):
-  """Yields `(fig, axes)` and saves the figure as PNG at `path` afterwards."""
-  fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows),
-                           **kwargs)
-  try:
-    yield fig, axes
+def figure(path: Optional[str], ncols: int = 1, nrows: int = 1, size=(5.0, 3.6),
+           **kwargs):
+  """Yields `(fig, axes)` and saves the figure as PNG at `path` afterwards.
+
+  With `path=None` nothing is written (keep `fig` to display it).
+  """
+  fig, axes = new_figure(ncols, nrows, size, **kwargs)
+  yield fig, axes
+  if path is None:
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-  finally:
-    plt.close(fig)
+  else:
+    save(fig, path)
 
 
 def curves(ax, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],

@@ -19,7 +19,7 @@
   checkpoint, stop on a non-finite loss.
 
 Loss functions follow `loss_fn(params, model_state, rng, batch) ->
-(loss, (model_state, metrics))`; see BUILD_NOTES.md, "Contracts".
+(loss, (model_state, metrics))`; see docs/architecture.md, "Contracts".
 """
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jreg import checkpoint as checkpoint_lib
 from jreg import metrics as metrics_lib
+
+__all__ = (
+    'AXIS', 'PARALLEL_MODES', 'SCHEDULES', 'NonFiniteLossError', 'Parallel',
+    'TrainState', 'evaluate', 'fit', 'init_state', 'learning_rate_schedule',
+    'make_update', 'value_and_grad',
+)
 
 PARALLEL_MODES = ('single', 'sharded', 'pmap')
 AXIS = 'data'  # The name of the data-parallel axis, in every mode.

@@ -3,7 +3,7 @@
 Every iterator yields dicts of NumPy arrays holding this process's slice of the
 global batch and has `get_state() -> dict` (JSON) / `set_state(dict)`.
 Datasets come from `source='local'` (the standard distribution files under
-`data_dir`) or `source='tfds'`. See BUILD_NOTES.md (data pipelines) for the API and the choices.
+`data_dir`) or `source='tfds'`. See docs/data.md for the API, the file formats and the choices.
 """
 from jreg.data.augment import normalize
 from jreg.data.augment import pad_crop_flip
@@ -23,6 +23,15 @@ from jreg.data.wikitext import load_wikitext
 from jreg.data.wikitext import Vocabulary
 from jreg.data.wikitext import WikiTextCorpus
 from jreg.data.wikitext import wikitext_iterator
+
+__all__ = (
+    'ArrayIterator', 'DataError', 'ImageNetIterator', 'LMOrderedIterator',
+    'SOURCES', 'Vocabulary', 'WikiTextCorpus', 'cifar10_iterator',
+    'default_data_dir', 'first_examples', 'imagenet_iterator',
+    'imagenet_source', 'load_cifar10', 'load_mnist', 'load_synthetic_1d',
+    'load_wikitext', 'mnist_iterator', 'normalize', 'pad_crop_flip',
+    'synthetic_1d_iterator', 'wikitext_iterator',
+)
 
 # ImageNet needs grain (about 1.5 s to import): loaded on first use.
 _IMAGENET_NAMES = ('imagenet_iterator', 'imagenet_source', 'ImageNetIterator')

@@ -8,7 +8,7 @@ appendix): 5096 pairs (x, y) with
 
 split into 4096 training and 1000 validation pairs.
 
-Choices the paper leaves open (recorded in BUILD_NOTES.md (data pipelines)):
+Choices the paper leaves open (also listed in docs/data.md):
 - Input range: x ~ U[-2, 2] (the paper states none).
 - Sign of the linear term: -5x (the main text and the appendix differ).
 - Noise: N(0, 0.05) is read in the usual N(mean, variance) notation, so

@@ -3,3 +3,5 @@
 Submodules are imported explicitly (`from jreg.models import deq_transformer`);
 this package imports none of them eagerly.
 """
+
+__all__ = ('adaptive_softmax', 'deq_transformer', 'mdeq', 'resnet')
