@@ -84,6 +84,12 @@ __all__ = (
     'coefficient_from_rate', 'gradient_norm_sq', 'gradient_penalty_grad_fn',
     'implicit_regularization_rate', 'implicit_regularizer', 'modified_loss',
     'num_parameters', 'penalized_value_and_grad',
+    # The finite-difference (SAM / gnp) family, warm-up, unbiased penalty.
+    'DIFFERENCES', 'PERTURBATIONS', 'WARMUP_STRATEGIES', 'PENALTY_STATE_KEY',
+    'PenaltyWarmup', 'add_penalty_step_counter', 'with_penalty_step_counter',
+    'finite_difference_value_and_grad', 'finite_difference_grad_fn',
+    'unbiased_gradient_norm_sq', 'unbiased_penalty_value_and_grad',
+    'unbiased_penalty_grad_fn',
 )
 
 PyTree = Any
