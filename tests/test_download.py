@@ -267,6 +267,9 @@ def test_repeatedly_cut_download_resumes_on_the_next_call(server, tmp_path,
   assert 0 < received < len(content)
   assert _fetch(server, tmp_path, content).read_bytes() == content
   assert server.requests[-1][1] == f'bytes={received}-'  # resumed, not restarted
+  requests = len(server.requests)
+  _fetch(server, tmp_path, content)        # verified file in place: no request
+  assert len(server.requests) == requests
   assert [path.name for path in folder.iterdir()] == [
       't10k-labels-idx1-ubyte.gz']
 

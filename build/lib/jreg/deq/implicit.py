@@ -1,0 +1,220 @@
+"""The fixed-point layer and its gradients (implicit, phantom, Jacobian-free).
+
+For z* = f(z*, x; theta), the implicit function theorem gives, for a loss l,
+
+  dl/dtheta = u^T df/dtheta,   dl/dx = u^T df/dx,   where
+  u^T = u^T J_f(z*) + dl/dz*   (J_f = df/dz at z*),
+
+(Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019, Thm. 1). The
+backward fixed point u is found with any solver of `jreg.deq.solvers`, applied
+to h(u) = J_f(z*)^T u + dl/dz*, where J_f^T u is a VJP of f linearised once at
+z* (`jax.vjp` outside the loop; only the transposed linear map runs per
+iteration). Cheaper backward modes:
+
+  * 'phantom': gradient of k damped unrolled steps from z* (held constant),
+    z <- (1 - tau) z + tau f(z)  (Geng et al., "On Training Implicit Models",
+    NeurIPS 2021, phantom gradients);
+  * 'jfb': u = dl/dz*, i.e. one VJP of f (Fung et al., "JFB: Jacobian-Free
+    Backpropagation for Implicit Networks", AAAI 2022).
+
+The forward solve stores no iterates (only z*), so memory is O(1) in NFE.
+
+Backward statistics. A `jax.custom_vjp` backward cannot return auxiliary
+outputs. The layer therefore takes a `stats_probe` input, a float32 [4] array
+that does not influence the output; the backward pass returns as its
+"cotangent" the vector
+
+  [backward nfe, mean abs residual, mean rel residual, converged fraction]
+
+so `jax.grad` with respect to the probe yields the backward solver's
+statistics (zero if the backward pass did not run). `jreg.deq.value_and_grad`
+does this for Haiku models, where `DEQ` keeps the probe in the model state.
+"""
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jreg.deq import solvers
+
+PyTree = Any
+STATS_PROBE_SIZE = 4  # [nfe, abs residual, rel residual, converged fraction]
+
+
+class BackwardConfig(NamedTuple):
+  """How the fixed-point layer is differentiated (hashable, static).
+
+  Attributes:
+    mode: 'implicit' (IFT with a solver), 'phantom' or 'jfb'.
+    solver: the solver for u = J_f^T u + g (mode 'implicit').
+    phantom_steps: k, the number of unrolled steps (mode 'phantom').
+    phantom_damping: tau (mode 'phantom').
+  """
+  mode: str = 'implicit'
+  solver: solvers.SolverConfig = solvers.SolverConfig(
+      name='fixed_point', max_iter=30, tol=1e-4)
+  phantom_steps: int = 5
+  phantom_damping: float = 0.5
+
+
+def backward_nfe_if_fixed(config: BackwardConfig) -> Optional[int]:
+  """The backward VJP count for modes where it is a constant (phantom, jfb)."""
+  if config.mode == 'phantom':
+    return config.phantom_steps
+  if config.mode == 'jfb':
+    return 1
+  return None
+
+
+def stats_probe_values(stats: solvers.SolverStats) -> jax.Array:
+  """The [4] vector a backward pass returns through the stats probe."""
+  return jnp.stack([stats.nfe.astype(jnp.float32), stats.mean_abs_residual,
+                    stats.mean_rel_residual, stats.converged_fraction])
+
+
+def probe_to_metrics(probe_grad: jax.Array, prefix: str = 'backward_') -> dict:
+  """Names the entries of a stats-probe gradient."""
+  return {f'{prefix}nfe': probe_grad[0],
+          f'{prefix}abs_residual': probe_grad[1],
+          f'{prefix}rel_residual': probe_grad[2],
+          f'{prefix}converged_fraction': probe_grad[3]}
+
+
+def _zeros_like_tree(tree):
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _fixed_point_impl(cell, forward, params, x, z0):
+  f = lambda z: cell(params, z, x)
+  return solvers.solve(f, jax.lax.stop_gradient(z0), forward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fixed_point(cell, forward, backward, params, x, z0, stats_probe):
+  del backward, stats_probe
+  return _fixed_point_impl(cell, forward, params, x, z0)
+
+
+def _fixed_point_fwd(cell, forward, backward, params, x, z0, stats_probe):
+  del backward
+  z_star, stats = _fixed_point_impl(cell, forward, params, x, z0)
+  return (z_star, stats), (params, x, z_star, z0, stats_probe)
+
+
+def _fixed_point_bwd(cell, forward, backward, residuals, cotangents):
+  del forward
+  params, x, z_star, z0, stats_probe = residuals
+  g = cotangents[0]  # dl/dz*, same pytree as z*; stats cotangents are ignored
+  if backward.mode == 'implicit':
+    # Linearise f at z* once; the loop applies only the transposed map.
+    _, vjp_all = jax.vjp(lambda p, z, xx: cell(p, z, xx), params, z_star, x)
+    h = lambda u: jax.tree.map(jnp.add, vjp_all(u)[1], g)
+    u, bstats = solvers.solve(h, _zeros_like_tree(g), backward.solver)
+    g_params, _, g_x = vjp_all(u)
+    probe_ct = stats_probe_values(bstats).astype(stats_probe.dtype)
+  elif backward.mode in ('phantom', 'jfb'):
+    steps = backward.phantom_steps if backward.mode == 'phantom' else 1
+    tau = backward.phantom_damping if backward.mode == 'phantom' else 1.0
+
+    def unrolled(p, xx):
+      z = z_star
+      for _ in range(steps):
+        fz = cell(p, z, xx)
+        z = jax.tree.map(lambda a, b: (1.0 - tau) * a + tau * b, z, fz)
+      return z
+
+    _, vjp_px = jax.vjp(unrolled, params, x)
+    g_params, g_x = vjp_px(g)
+    probe_ct = jnp.zeros_like(stats_probe).at[0].set(steps)
+  else:
+    raise ValueError(f"Unknown backward mode {backward.mode!r}; use "
+                     "'implicit', 'phantom' or 'jfb'.")
+  return g_params, g_x, _zeros_like_tree(z0), probe_ct
+
+
+_fixed_point.defvjp(_fixed_point_fwd, _fixed_point_bwd)
+
+
+def fixed_point(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
+                params: PyTree, x: PyTree, z0: PyTree, *,
+                forward: solvers.SolverConfig = solvers.SolverConfig(),
+                backward: BackwardConfig = BackwardConfig(),
+                stats_probe: Optional[jax.Array] = None):
+  """Solves z* = cell(params, z*, x) and differentiates by `backward`.
+
+  Args:
+    cell: pure function (params, z, x) -> z-like pytree; batched over axis 0.
+    params: the cell's parameters (differentiated).
+    x: the cell's other inputs, any pytree (differentiated where float);
+      per-call randomness (dropout masks) belongs here so that it is the same
+      at every iteration.
+    z0: initial point (no gradient flows into it).
+    forward: the forward solver's settings.
+    backward: the backward mode and solver settings.
+    stats_probe: optional float32 [4]; its gradient is the backward stats
+      (see module docstring).
+
+  Returns:
+    (z*, SolverStats of the forward solve).
+  """
+  if stats_probe is None:
+    stats_probe = jnp.zeros((STATS_PROBE_SIZE,), jnp.float32)
+  return _fixed_point(cell, forward, backward, params, x, z0, stats_probe)
+
+
+@jax.custom_vjp
+def _report_through_probe(z, stats_probe, values):
+  del stats_probe, values
+  return z
+
+
+def _report_fwd(z, stats_probe, values):
+  del stats_probe
+  return z, values
+
+
+def _report_bwd(values, g):
+  return g, values, jnp.zeros_like(values)
+
+
+_report_through_probe.defvjp(_report_fwd, _report_bwd)
+
+
+def report_exact_backward(z: PyTree, stats_probe: jax.Array,
+                          num_vjps: int) -> PyTree:
+  """Identity on z whose backward reports [num_vjps, 0, 0, 1] to the probe.
+
+  For layers differentiated by ordinary backprop (unrolled pre-training):
+  the backward costs `num_vjps` cell VJPs and solves nothing, so its residual
+  is 0 and it counts as converged.
+  """
+  values = jnp.array([num_vjps, 0.0, 0.0, 1.0], stats_probe.dtype)
+  return _report_through_probe(z, stats_probe, values)
+
+
+def unrolled_fixed_point(cell, params, x, z0, num_steps: int, *,
+                         tol: float = 0.0, stop_mode: str = 'rel'):
+  """Weight-tied unrolled pre-training: z_{k+1} = cell(params, z_k, x), k < N.
+
+  Ordinary backprop through all N applications (Bai et al., 2021, Sec. 5:
+  unrolled pre-training of DEQs). Stats report N evaluations; the residual is
+  ||z_N - z_{N-1}||, the exact residual of z_{N-1} (no extra evaluation).
+
+  Returns:
+    (z_N, SolverStats) with `converged` = (residual of z_{N-1} by
+    `stop_mode`) <= tol.
+  """
+  if num_steps < 1:
+    raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
+  z_prev, z = None, z0
+  for _ in range(num_steps):
+    z_prev, z = z, cell(params, z, x)
+  fz, _ = solvers.flatten_batch(jax.lax.stop_gradient(z))
+  zp, _ = solvers.flatten_batch(jax.lax.stop_gradient(z_prev))
+  abs_res, rel_res = solvers._residuals(fz, zp)  # pylint: disable=protected-access
+  stats = solvers.SolverStats(
+      nfe=jnp.asarray(num_steps, jnp.int32), abs_residual=abs_res,
+      rel_residual=rel_res,
+      converged=(abs_res if stop_mode == 'abs' else rel_res) <= tol)
+  return z, stats

@@ -1,0 +1,227 @@
+"""Haiku integration: the `DEQ` module and a gradient function for DEQ losses.
+
+`DEQ(cell)` turns a cell f(z, x), written as ordinary Haiku code, into a deep
+equilibrium layer z* = f(z*, x) (Bai, Kolter & Koltun, NeurIPS 2019). The
+module transforms the cell internally (`hk.transform`) and registers its
+parameters in the enclosing transform with `hk.lift`, so the same parameters
+are used at every iteration (weight tying) and appear under
+`<deq module name>/cell/...` in the outer params.
+
+Requirements on the cell: it is deterministic and stateless (no
+`hk.next_rng_key`, no `hk.get_state`): per-call randomness such as dropout
+masks must be drawn outside and passed in `x`, so that the map is the same at
+every solver iteration (as in locuslab/deq, where variational dropout masks
+are reset once per forward).
+"""
+from typing import Any, Callable, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jreg.deq import implicit
+from jreg.deq import jacobian
+from jreg.deq import solvers
+
+PyTree = Any
+PROBE_NAME = 'backward_stats_probe'
+
+
+class DEQ(hk.Module):
+  """Deep equilibrium layer with a Haiku cell.
+
+  Call: `z_star, info = DEQ(cell, ...)(x, z0, unrolled=False,
+  jacobian_loss=False, spectral_radius=False)`.
+
+  `info` is a flat dict of scalars:
+    forward_nfe, forward_abs_residual, forward_rel_residual (batch means),
+    forward_converged_fraction, forward_unconverged (count of examples whose
+    residual is above tol: never hidden);
+    backward_nfe (only for 'phantom'/'jfb', where it is a constant, and for
+    unrolled calls without a probe: N; with backward mode 'implicit' the
+    backward stats come from `jreg.deq.value_and_grad`, and an unrolled call
+    reports N VJPs, residual 0, converged 1 there);
+    jacobian_loss and jacobian_applied (when requested);
+    spectral_radius (batch mean, when requested).
+  """
+
+  def __init__(self, cell: Callable[[PyTree, PyTree], PyTree], *,
+               forward: solvers.SolverConfig = solvers.SolverConfig(),
+               backward: implicit.BackwardConfig = implicit.BackwardConfig(),
+               unrolled_steps: int = 8,
+               jacobian_vectors: int = 1,
+               spectral_radius_iters: int = 50,
+               report_backward_stats: bool = True,
+               name: Optional[str] = None):
+    """Builds the layer.
+
+    Args:
+      cell: f(z, x) -> z-like pytree, ordinary Haiku code (a function that
+        creates modules, e.g. `lambda z, x: MyCell()(z, x)`).
+      forward: forward solver settings.
+      backward: backward mode and solver settings.
+      unrolled_steps: N, the weight-tied applications used when called with
+        `unrolled=True` (pre-training phase, ordinary backprop).
+      jacobian_vectors: M, Hutchinson vectors for the Jacobian term.
+      spectral_radius_iters: power iterations for `spectral_radius=True`.
+      report_backward_stats: keep a float32 [4] stats probe in the Haiku state
+        (needs `hk.transform_with_state`) whose gradient carries the backward
+        solver's NFE and residuals (see `jreg.deq.value_and_grad`). Only used
+        with backward mode 'implicit'.
+      name: module name.
+    """
+    super().__init__(name=name)
+    self._cell = hk.without_apply_rng(hk.transform(cell))
+    self.forward_config = forward
+    self.backward_config = backward
+    self.unrolled_steps = unrolled_steps
+    self.jacobian_vectors = jacobian_vectors
+    self.spectral_radius_iters = spectral_radius_iters
+    self.report_backward_stats = (report_backward_stats and
+                                  backward.mode == 'implicit')
+
+  def __call__(self, x: PyTree, z0: PyTree, *, unrolled: bool = False,
+               jacobian_loss=False, spectral_radius: bool = False,
+               rng: Optional[jax.Array] = None):
+    """Solves z* = cell(z*, x).
+
+    Args:
+      x: the cell's input pytree (injection, masks, memory, ...).
+      z0: initial state (fixes z's pytree structure and shapes).
+      unrolled: Python bool; True runs N weight-tied applications with
+        ordinary backprop (pre-training), False the implicit layer.
+      jacobian_loss: False, True, or a traced bool (e.g. from
+        `jreg.deq.regularization_gate`): estimate ||J_f(z*)||_F^2 / d
+        (`jacobian_frobenius_estimate`, z* held constant). With a traced
+        flag the VJPs run under `lax.cond`, so they cost nothing when off.
+      spectral_radius: Python bool; add the power-iteration estimate of
+        rho(J_f(z*)) (mean over the batch) to info.
+      rng: key for Hutchinson / power iteration; default `hk.next_rng_key()`.
+
+    Returns:
+      (z*, info dict of scalars).
+    """
+    init_rng = hk.next_rng_key() if hk.running_init() else None
+    params = hk.lift(self._cell.init, name='cell', allow_reuse=True)(
+        init_rng, z0, x)
+    cell = self._cell.apply  # (params, z, x) -> z
+    probe = None
+    if self.report_backward_stats:
+      probe = hk.get_state(PROBE_NAME, [implicit.STATS_PROBE_SIZE],
+                           jnp.float32, init=jnp.zeros)
+
+    info = {}
+    if unrolled:
+      z_star, stats = implicit.unrolled_fixed_point(
+          cell, params, x, z0, self.unrolled_steps,
+          tol=self.forward_config.tol, stop_mode=self.forward_config.stop_mode)
+      if probe is not None:
+        z_star = implicit.report_exact_backward(z_star, probe,
+                                                self.unrolled_steps)
+      else:
+        info['backward_nfe'] = jnp.asarray(self.unrolled_steps, jnp.float32)
+    else:
+      z_star, stats = implicit.fixed_point(
+          cell, params, x, z0, forward=self.forward_config,
+          backward=self.backward_config, stats_probe=probe)
+      fixed_nfe = implicit.backward_nfe_if_fixed(self.backward_config)
+      if fixed_nfe is not None:
+        info['backward_nfe'] = jnp.asarray(fixed_nfe, jnp.float32)
+    info.update(stats.as_metrics('forward_'))
+
+    if jacobian_loss is not False or spectral_radius:
+      if rng is None:
+        rng = hk.next_rng_key()
+      jac_rng, rho_rng = jax.random.split(rng)
+      f = lambda z: cell(params, z, x)
+      if jacobian_loss is not False:
+        estimate = lambda: jacobian.jacobian_frobenius_estimate(
+            f, z_star, jac_rng, self.jacobian_vectors).astype(jnp.float32)
+        if jacobian_loss is True:
+          info['jacobian_loss'] = estimate()
+          info['jacobian_applied'] = jnp.ones([], jnp.float32)
+        else:
+          flag = jnp.asarray(jacobian_loss, bool)
+          info['jacobian_loss'] = lax.cond(
+              flag, estimate, lambda: jnp.zeros([], jnp.float32))
+          info['jacobian_applied'] = flag.astype(jnp.float32)
+      if spectral_radius:
+        info['spectral_radius'] = jnp.mean(jacobian.spectral_radius(
+            f, z_star, rho_rng, self.spectral_radius_iters))
+    return z_star, info
+
+
+def cell_params(params: hk.Params, module_name: str = 'deq') -> hk.Params:
+  """The cell's own params out of a model's params (as `DEQ` lifted them).
+
+  `DEQ(name=module_name)` stores the cell's parameters under
+  `<module path>/cell/<cell module>`; this returns them keyed as the cell's
+  own `hk.transform(cell)` expects, e.g. for evaluating f outside the model
+  (surfaces, spectral radius, solver studies).
+  """
+  prefix = f'{module_name}/cell/'
+  inner = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+  if not inner:
+    raise KeyError(f'no parameters under {prefix!r}; modules: {sorted(params)}')
+  return inner
+
+
+def step_count(increment: bool) -> jax.Array:
+  """A Haiku-state counter of training calls (float32 []), for schedules.
+
+  The `loss_fn` contract carries no step, so DEQ losses that schedule the
+  Jacobian weight gamma(step) or probability p(step) keep their own count in
+  the model state: this returns the count *before* this call and, when
+  `increment` (training), stores count + 1. Needs `hk.transform_with_state`.
+  Stored as float32 (exact to 2**24 steps) because `jreg.train`'s pmap mode
+  averages the model state with `lax.pmean`, which would turn an int into a
+  float and change the state's dtype.
+  """
+  count = hk.get_state('step_count', [], jnp.float32, init=jnp.zeros)
+  if increment and not hk.running_init():
+    hk.set_state('step_count', count + 1)
+  return count
+
+
+def _split_probes(model_state):
+  is_probe = lambda module, name, value: name == PROBE_NAME
+  return hk.data_structures.partition(is_probe, model_state)
+
+
+def value_and_grad(loss_fn: Callable) -> Callable:
+  """A `grad_fn` (jreg.train contract) that also reports DEQ backward stats.
+
+  Differentiates `loss_fn(params, model_state, rng, batch) -> (loss,
+  (model_state, metrics))` with respect to params and, additionally, to the
+  `DEQ` stats probes in the model state; a probe's gradient is its layer's
+  backward [nfe, abs residual, rel residual, converged fraction] (see
+  `jreg.deq.implicit`), added to metrics as `backward_nfe`,
+  `backward_abs_residual`, `backward_rel_residual`,
+  `backward_converged_fraction` (prefixed by the module path when there is
+  more than one DEQ). A probe gradient is the sum over calls of that module.
+
+  Returns:
+    grad_fn(params, model_state, rng, batch, axis_name=None)
+      -> ((loss, (model_state, metrics)), grads).
+  """
+
+  def grad_fn(params, model_state, rng, batch, axis_name=None):
+    del axis_name  # the engine averages gradients and metrics
+    probes, rest = _split_probes(model_state)
+
+    def wrapped(params, probes):
+      state = hk.data_structures.merge(rest, probes)
+      return loss_fn(params, state, rng, batch)
+
+    (loss, (new_state, metrics)), (grads, probe_grads) = jax.value_and_grad(
+        wrapped, argnums=(0, 1), has_aux=True)(params, probes)
+    metrics = dict(metrics)
+    modules = sorted(probe_grads)
+    for module in modules:
+      prefix = 'backward_' if len(modules) == 1 else f'{module}/backward_'
+      metrics.update(implicit.probe_to_metrics(probe_grads[module][PROBE_NAME],
+                                               prefix))
+    return (loss, (new_state, metrics)), grads
+
+  return grad_fn

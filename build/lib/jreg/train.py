@@ -1,0 +1,407 @@
+"""The training engine shared by every experiment.
+
+* `TrainState`: everything a step changes, as one pytree.
+* `value_and_grad(loss_fn)`: the plain gradient function; penalised ones come
+  from `jreg.gradient_regularization`.
+* `make_update(grad_fn, optimizer)`: the pure step
+  `update(state, batch) -> (state, metrics)`.
+* `Parallel`: how that step is compiled and where state and batches live, in
+  one of three modes:
+    - `single`:  `jax.jit` on one device;
+    - `sharded`: `jax.jit` over a `Mesh(('data',))` of every device of every
+      process, the batch split along its leading axis (`NamedSharding`), the
+      state replicated; XLA inserts the gradient all-reduce;
+    - `pmap`:    `jax.pmap(axis_name='data')`, gradients averaged with
+      `lax.pmean` explicitly.
+  The three give the same parameters after the same steps on the same global
+  batches (tests/test_train.py).
+* `fit(...)`: the loop — restore from the latest checkpoint, step, log, evaluate,
+  checkpoint, stop on a non-finite loss.
+
+Loss functions follow `loss_fn(params, model_state, rng, batch) ->
+(loss, (model_state, metrics))`; see BUILD_NOTES.md, "Contracts".
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+from absl import logging
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jreg import checkpoint as checkpoint_lib
+from jreg import metrics as metrics_lib
+
+PARALLEL_MODES = ('single', 'sharded', 'pmap')
+AXIS = 'data'  # The name of the data-parallel axis, in every mode.
+
+Batch = Mapping[str, Any]
+LossFn = Callable[..., Any]
+GradFn = Callable[..., Any]
+
+
+class TrainState(NamedTuple):
+  step: jax.Array          # [] int32, updates applied so far
+  params: hk.Params        # trainable parameters
+  model_state: hk.State    # Haiku state (batch statistics, ...); {} if none
+  opt_state: optax.OptState
+  rng: jax.Array           # [2] uint32 raw PRNG key, split once per step
+
+
+SCHEDULES = ('constant', 'cosine', 'warmup_cosine')
+
+
+def learning_rate_schedule(kind: str, peak: float, num_steps: int,
+                           warmup_steps: int = 0) -> optax.Schedule:
+  """The learning-rate schedules experiments choose from by flag.
+
+  * `constant`: `peak` throughout.
+  * `cosine`: peak·½(1 + cos(π·t/T)) over T = `num_steps` (Loshchilov & Hutter).
+  * `warmup_cosine`: linear warm-up from 0 to `peak` over `warmup_steps`, then
+    cosine decay to 0 at `num_steps`.
+  """
+  if kind not in SCHEDULES:
+    raise ValueError(f'schedule {kind!r} is not one of {SCHEDULES}.')
+  if warmup_steps < 0 or (kind == 'warmup_cosine' and warmup_steps >= num_steps):
+    raise ValueError(f'a warm-up of {warmup_steps} steps does not fit in a run of '
+                     f'{num_steps} steps.')
+  if kind == 'constant':
+    return optax.constant_schedule(peak)
+  if kind == 'cosine':
+    return optax.cosine_decay_schedule(peak, num_steps)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, num_steps)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised by `fit` when a step produced a NaN or infinite loss."""
+
+
+def value_and_grad(loss_fn: LossFn) -> GradFn:
+  """The plain gradient function of `loss_fn`, in the engine's contract.
+
+  Returns:
+    `grad_fn(params, model_state, rng, batch, axis_name=None)
+     -> ((loss, (model_state, metrics)), grads)`. `axis_name` is unused: the
+    engine averages gradients over it.
+  """
+  vg = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grad_fn(params, model_state, rng, batch, axis_name=None):
+    del axis_name
+    return vg(params, model_state, rng, batch)
+
+  return grad_fn
+
+
+def init_state(init_fn: Callable[[jax.Array], tuple[hk.Params, hk.State]],
+               optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  """Builds the initial state from `init_fn(rng) -> (params, model_state)`."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  params, model_state = init_fn(init_rng)
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                    model_state=model_state, opt_state=optimizer.init(params),
+                    rng=train_rng)
+
+
+def make_update(grad_fn: GradFn, optimizer: optax.GradientTransformation,
+                axis_name: Optional[str] = None):
+  """The pure update step.
+
+  `update(state, batch) -> (state, metrics)` computes gradients with
+  `grad_fn`, averages gradients, loss, metrics and model state over
+  `axis_name` (under `pmap`), applies the optimiser, and adds the loss and the
+  global norms of gradients, parameters and updates to the metrics.
+  """
+
+  def update(state: TrainState, batch: Batch):
+    rng, step_rng = jax.random.split(state.rng)
+    if axis_name is not None:
+      # Independent randomness (dropout, Hutchinson vectors) on each device.
+      step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+    (loss, (model_state, metrics)), grads = grad_fn(
+        state.params, state.model_state, step_rng, batch, axis_name)
+    if axis_name is not None:
+      grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis_name)
+      # Floating state (batch statistics) is averaged; integer state (step
+      # counters of schedules) is the same on every device and keeps its dtype.
+      model_state = jax.tree.map(
+          lambda x: jax.lax.pmean(x, axis_name)
+          if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params),
+                   update_norm=optax.tree.norm(updates))
+    return TrainState(state.step + 1, params, model_state, opt_state, rng), metrics
+
+  return update
+
+
+class Parallel:
+  """Compiles a step and places state and batches for one parallel mode.
+
+  Args:
+    mode: 'single', 'sharded' or 'pmap'.
+  """
+
+  def __init__(self, mode: str):
+    if mode not in PARALLEL_MODES:
+      raise ValueError(f'parallel mode {mode!r} is not one of {PARALLEL_MODES}.')
+    if mode == 'single' and jax.process_count() > 1:
+      raise ValueError("parallel mode 'single' runs one process; use 'sharded' "
+                       "or 'pmap' across hosts.")
+    self.mode = mode
+    if mode == 'sharded':
+      # Auto axes: XLA propagates shardings through the model (gathers,
+      # reshapes) by itself, so model code stays single-device code.
+      self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,),
+                                axis_types=(jax.sharding.AxisType.Auto,))
+      self._replicated = NamedSharding(self.mesh, P())
+      self._split = NamedSharding(self.mesh, P(AXIS))
+    self.axis_name = AXIS if mode == 'pmap' else None
+
+  @property
+  def num_local_shards(self) -> int:
+    """How many ways this process's slice of a batch is split."""
+    return {'single': 1, 'sharded': jax.local_device_count(),
+            'pmap': jax.local_device_count()}[self.mode]
+
+  def compile(self, update: Callable) -> Callable:
+    """Compiles `update(state, batch) -> (state, metrics)`, donating the state."""
+    if self.mode == 'single':
+      return jax.jit(update, donate_argnums=0)
+    if self.mode == 'sharded':
+      return jax.jit(update, donate_argnums=0,
+                     in_shardings=(self._replicated, self._split),
+                     out_shardings=(self._replicated, self._replicated))
+    return jax.pmap(update, axis_name=AXIS, donate_argnums=0)
+
+  def put_state(self, state: Any) -> Any:
+    """Host state -> device state (replicated on every device)."""
+    if self.mode == 'single':
+      return jax.device_put(state)
+    if self.mode == 'sharded':
+      return jax.tree.map(self._replicate_global, state)
+    # One copy per local device along a new leading axis, as `pmap` expects.
+    devices = jax.local_devices()
+    stacked = NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), P(AXIS))
+    return jax.tree.map(
+        lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), stacked),
+        state)
+
+  def _replicate_global(self, x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, self._replicated, lambda i: x[i])
+
+  def put_batch(self, batch: Batch) -> Any:
+    """This process's slice of a global batch -> device batch."""
+    self.check_batch(batch)
+    if self.mode == 'single':
+      return jax.device_put(batch)
+    if self.mode == 'sharded':
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(self._split, x), batch)
+    n = jax.local_device_count()
+    return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+
+  def check_batch(self, batch: Batch) -> None:
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+    for size in sizes:
+      if size % self.num_local_shards:
+        raise ValueError(
+            f'a per-process batch of {size} examples cannot be split over '
+            f'{self.num_local_shards} local devices in {self.mode!r} mode; '
+            'choose a batch size divisible by the device count.')
+
+  def get(self, tree: Any) -> Any:
+    """Device state or metrics -> host NumPy (one copy, unreplicated)."""
+    if self.mode == 'pmap':
+      tree = jax.tree.map(lambda x: x[0], tree)
+    if self.mode == 'sharded':
+      tree = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _is_finite(metrics: Mapping[str, np.ndarray]) -> bool:
+  return bool(np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm']))
+
+
+def fit(*,
+        workdir: str,
+        init_fn: Callable[[jax.Array], tuple[hk.Params, hk.State]],
+        grad_fn: GradFn | list[tuple[int, GradFn]],
+        optimizer: optax.GradientTransformation,
+        train_iter: Any,
+        num_steps: int,
+        seed: int = 0,
+        parallel: str = 'single',
+        eval_fn: Optional[Callable[[hk.Params, hk.State], Mapping[str, float]]] = None,
+        eval_every: int = 0,
+        log_every: int = 50,
+        checkpoint_every: int = 0,
+        learning_rate_fn: Optional[optax.Schedule] = None,
+        tensorboard: bool = True) -> tuple[TrainState, list[dict]]:
+  """Trains for `num_steps` updates, resuming from `workdir`'s latest checkpoint.
+
+  Args:
+    workdir: directory for checkpoints, `metrics.jsonl` and TensorBoard events.
+    init_fn: `rng -> (params, model_state)`.
+    grad_fn: see `value_and_grad`; or phases `[(last_step, grad_fn), ...]`
+      with increasing `last_step`, each grad function used for the steps up to
+      its `last_step` (the last phase runs to the end). DEQs use this for the
+      unrolled weight-tied pre-training before the implicit layer; each phase
+      is compiled once, when it is first reached.
+    optimizer: any optax transformation.
+    train_iter: a `jreg.data` iterator (`next`, `get_state`, `set_state`) giving
+      this process's slice of each global batch.
+    num_steps: total number of updates of the run (a resumed run does the rest).
+    seed: seeds the initial parameters and the per-step RNG.
+    parallel: 'single', 'sharded' or 'pmap'.
+    eval_fn: `(params, model_state) -> metrics` on the host, every `eval_every`
+      steps and at the end.
+    eval_every, log_every, checkpoint_every: intervals in steps (0: never;
+      a checkpoint is always written at the end).
+    learning_rate_fn: the optimiser's schedule, logged as `learning_rate`.
+    tensorboard: also write TensorBoard event files.
+
+  Returns:
+    `(state, history)`: the final state on the host, and the logged records.
+
+  Raises:
+    NonFiniteLossError: a step produced a NaN or infinite loss; the last good
+      checkpoint is left in place and no later one is written.
+  """
+  par = Parallel(parallel)
+  is_primary = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, num_steps, write_files=is_primary,
+                                    tensorboard=tensorboard)
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  host_state = init_state(init_fn, optimizer, seed)
+  start = checkpointer.latest_step()
+  if start is not None:
+    host_state, position = checkpointer.restore(host_state)
+    host_state = TrainState(*host_state)
+    train_iter.set_state(position)
+    logging.info('resumed from the checkpoint of step %d in %s', start,
+                 checkpointer.directory)
+  start = int(host_state.step)
+  state = par.put_state(host_state)
+  phases = grad_fn if isinstance(grad_fn, (list, tuple)) else [(num_steps, grad_fn)]
+  if any(a[0] >= b[0] for a, b in zip(phases, phases[1:])):
+    raise ValueError('grad_fn phases need increasing last steps, got '
+                     f'{[p[0] for p in phases]}.')
+  compiled = {}
+
+  def update(step, state, batch):
+    index = next((i for i, (last, _) in enumerate(phases) if step <= last),
+                 len(phases) - 1)
+    if index not in compiled:
+      compiled[index] = par.compile(make_update(phases[index][1], optimizer,
+                                                par.axis_name))
+    return compiled[index](state, batch)
+
+  def save(step, device_state):
+    checkpointer.save(step, par.get(device_state), train_iter.get_state())
+
+  def evaluate(step, device_state):
+    host = par.get(device_state)
+    writer.write(step, 'eval', eval_fn(host.params, host.model_state))
+
+  # The loop checks each step's loss one step late, so that checking never
+  # stalls the device; a non-finite step is never checkpointed.
+  pending = None  # (step, metrics) of the last dispatched step
+  window = []     # host metrics since the last log
+  last_good = None
+  try:
+    for step in range(start + 1, num_steps + 1):
+      # The data position after this batch is what a checkpoint at `step` saves.
+      batch = par.put_batch(next(train_iter))
+      state, step_metrics = update(step, state, batch)
+      if pending is not None:
+        _check_and_log(pending, par, writer, window, log_every, learning_rate_fn)
+      pending = (step, step_metrics)
+      if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
+        _check_and_log(pending, par, writer, window, log_every, learning_rate_fn)
+        pending = None
+        save(step, state)
+        last_good = step
+      if eval_fn is not None and eval_every and step % eval_every == 0 and step < num_steps:
+        evaluate(step, state)
+    if pending is not None:
+      _check_and_log(pending, par, writer, window, log_every, learning_rate_fn,
+                     force=True)
+    if num_steps > start:
+      save(num_steps, state)
+    if eval_fn is not None:
+      evaluate(num_steps, state)
+  except NonFiniteLossError as error:
+    kept = last_good if last_good is not None else start
+    raise NonFiniteLossError(
+        f'{error} The run stopped; the last good checkpoint (step {kept}) '
+        f'is kept in {checkpointer.directory}.') from None
+  finally:
+    checkpointer.close()
+    writer.close()
+  return par.get(state), writer.history
+
+
+def _check_and_log(pending, par, writer, window, log_every, learning_rate_fn,
+                   force=False):
+  step, device_metrics = pending
+  host = par.get(device_metrics)
+  if not _is_finite(host):
+    raise NonFiniteLossError(
+        f'step {step} produced a non-finite loss ({float(host["loss"])}) '
+        f'or gradient norm ({float(host["grad_norm"])}).')
+  window.append(host)
+  if force or (log_every and step % log_every == 0):
+    # Each metric is averaged over the steps that report it (a window may
+    # span two phases whose grad functions report different metrics).
+    names = dict.fromkeys(k for m in window for k in m)
+    record = {k: np.mean([m[k] for m in window if k in m]) for k in names}
+    if learning_rate_fn is not None:
+      record['learning_rate'] = learning_rate_fn(step - 1)
+    writer.write(step, 'train', record)
+    window.clear()
+
+
+def evaluate(per_example_fn: Callable[..., Mapping[str, jax.Array]],
+             params: hk.Params, model_state: hk.State, batches) -> dict[str, float]:
+  """Means of per-example metrics over one pass of an evaluation iterator.
+
+  Args:
+    per_example_fn: `(params, model_state, batch) -> {name: [B] array}`,
+      ideally jitted once by the caller.
+    params, model_state: the model to evaluate.
+    batches: an iterable of batches; a `'mask'` entry (bool [B], as in
+      `jreg.data` eval mode) marks the real examples of a padded batch.
+
+  Returns:
+    `{name: mean over the real examples}`, over all processes' slices.
+  """
+  totals, count = {}, 0.0
+  for batch in batches:
+    mask = np.asarray(batch.get('mask', np.ones(len(next(iter(batch.values()))))),
+                      np.float64)
+    inputs = {k: v for k, v in batch.items() if k != 'mask'}
+    values = jax.device_get(per_example_fn(params, model_state, inputs))
+    for name, value in values.items():
+      totals[name] = totals.get(name, 0.0) + float(np.sum(np.asarray(value) * mask))
+    count += float(mask.sum())
+  names = sorted(totals)
+  if jax.process_count() > 1:
+    # Each process evaluated its own slice of every batch: add them up.
+    sums = multihost_utils.process_allgather(
+        np.array([totals[n] for n in names] + [count], np.float64)).sum(0)
+    totals, count = dict(zip(names, sums[:-1])), sums[-1]
+  if not count:
+    raise ValueError('the evaluation iterator yielded no examples.')
+  return {name: float(totals[name] / count) for name in names}
