@@ -27,7 +27,6 @@ INSTALL_REQUIRES = [
     'matplotlib==3.11.2',            # PNG figures
     'tensorboardX==2.6.5',           # TensorBoard event files without TensorFlow
     'tqdm==4.70.1',                  # download progress
-    'submitit==1.5.4',               # SLURM job arrays (launch/)
 ]
 
 setuptools.setup(
