@@ -3,8 +3,8 @@
 Each process gets `--dist_coordinator_address=localhost:PORT
 --dist_num_processes=N --dist_process_id=i` and `--xla_force_host_platform_
 device_count` CPU devices; CPU collectives run over gloo. On a real cluster,
-start one process per host with the same flags (or `--dist_auto` under SLURM,
-Open MPI or a TPU pod; see launch/slurm.sh).
+start one process per host with the same flags, or use `--dist_slurm` under
+SLURM (launch/slurm.sh) and `--dist_auto` on a Cloud TPU pod.
 
     python -m launch.multihost_local --num_processes=2 --devices_per_process=2 \
         -- experiments.synthetic_mlp --workdir=runs/mh --parallel=sharded

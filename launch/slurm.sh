@@ -1,10 +1,47 @@
-#!/usr/bin/env bash
-# Multi-host launch on a SLURM cluster: one task per host, JAX reads the
-# coordinator, process count and index from SLURM's environment (--dist_auto).
+#!/bin/bash
+# One multi-node data-parallel run on SLURM: one process per GPU.
 #
-#   sbatch --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 launch/slurm.sh \
-#       experiments.deq_cifar10 --workdir=/shared/runs/mdeq --parallel=sharded \
-#       --data_dir=/shared/data
-set -euo pipefail
+#   sbatch launch/slurm.sh experiments.deq_cifar10 --workdir=runs/mdeq \
+#       --config=experiments/configs/deq_cifar10.py:paper
+#   sbatch --nodes=2 --partition=gpu launch/slurm.sh experiments.NAME ...
+#
+# Submit from the repository root (with the environment that has jreg). Each
+# of the nodes x 8 tasks is one JAX process driving one GPU: --dist_slurm
+# makes jreg.distributed call jax.distributed.initialize with
+# num_processes=SLURM_NTASKS, process_id=SLURM_PROCID, the first node of the
+# step as coordinator and local_device_ids=[SLURM_LOCALID]. Options given to
+# sbatch on the command line override the defaults below; for nodes with 4
+# GPUs use --ntasks-per-node=4 --gpus-per-node=4. A run that is requeued
+# (pre-emption, node failure, or the USR1 signal 5 minutes before the time
+# limit) resumes from the checkpoints in its --workdir.
+#
+# On a Cloud TPU pod there is no SLURM: run the same command on every host
+# with --dist_auto instead (jax.distributed.initialize() with no arguments).
+#SBATCH --job-name=jreg
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --mem=0
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+set -uo pipefail
+if [[ $# -lt 1 ]]; then
+  echo "usage: sbatch launch/slurm.sh MODULE [FLAGS...]" >&2
+  exit 2
+fi
 module_name="$1"; shift
-srun python -m "$module_name" --dist_auto "$@"
+mkdir -p logs
+trap 'echo "time limit near: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
+# Every task sees all the GPUs of its node (no per-task GPU binding), and
+# picks its own with local_device_ids=[SLURM_LOCALID].
+srun --kill-on-bad-exit=1 --cpu-bind=cores \
+    python -m "$module_name" --dist_slurm "$@" &
+child=$!
+wait "$child"
+status=$?
+if (( status > 128 )); then wait "$child"; status=$?; fi
+exit "$status"

@@ -39,6 +39,7 @@ def _assert_batches_equal(first, second):
 # -- MNIST ---------------------------------------------------------------------
 
 
+@pytest.mark.shared_data
 def test_mnist_shared_data(shared_data):
   train = data.load_mnist('train', data_dir=str(shared_data))
   test = data.load_mnist('test', data_dir=str(shared_data / 'mnist'))
@@ -79,6 +80,7 @@ def test_mnist_idx_layout(tmp_path):
 # -- CIFAR-10 -----------------------------------------------------------------
 
 
+@pytest.mark.shared_data
 def test_cifar10_shared_data(shared_data, cifar_train):
   test = data.load_cifar10('test', data_dir=str(shared_data))
   assert cifar_train['image'].shape == (50000, 32, 32, 3)
@@ -134,6 +136,7 @@ def test_pad_crop_flip_matches_reference():
       augment.pad_crop_flip(images[:1], centre_key), images[:1])
 
 
+@pytest.mark.shared_data
 def test_cifar10_iterator_eval_normalised(cifar_train):
   subset = {key: value[:5000] for key, value in cifar_train.items()}
   iterator = data.cifar10_iterator('train', 2048, mode='eval', arrays=subset,

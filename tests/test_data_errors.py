@@ -33,10 +33,18 @@ def test_mnist_missing_file(shared_data, tmp_path):
   with pytest.raises(data.DataError) as error:
     data.load_mnist('test', data_dir=str(tmp_path))
   _check_message(error, str(folder / 't10k-labels-idx1-ubyte.gz'), 'missing',
-                 '--data_source=tfds')
+                 "source='auto'")
+  with pytest.raises(data.DataError) as error:
+    data.load_mnist('train', source='local',
+                    data_dir=str(tmp_path / 'nowhere'))
+  _check_message(error, 'train-images-idx3-ubyte.gz', 'missing')
+  # 'auto' downloads what is missing; offline (here: the closed loopback
+  # mirror that tests/conftest.py sets) that is one sentence too.
   with pytest.raises(data.DataError) as error:
     data.load_mnist('train', data_dir=str(tmp_path / 'nowhere'))
-  _check_message(error, 'train-images-idx3-ubyte.gz', 'missing')
+  _check_message(error, 'could not download', 'offline',
+                 'train-images-idx3-ubyte.gz', 'JREG_DATA_MIRROR')
+  assert not list((tmp_path / 'nowhere').rglob('*-ubyte.gz*'))
 
 
 def test_mnist_wrong_magic_number(shared_data, tmp_path):
@@ -81,17 +89,22 @@ def test_cifar10_truncated_record_file(shared_data, tmp_path):
   records.tofile(folder / 'test_batch.bin')  # five whole records read fine
   assert data.load_cifar10('test', data_dir=str(folder))['label'].shape == (5,)
   with pytest.raises(data.DataError) as error:
-    data.load_cifar10('train', data_dir=str(folder))
+    data.load_cifar10('train', source='local', data_dir=str(folder))
   _check_message(error, 'data_batch_1.bin', 'missing')
 
 
+def _first_jpegs(shared_data, count):
+  """The first class folder of imagenet-mini's train split, and `count` files."""
+  folder = sorted((shared_data / 'imagenet-mini' / 'train').iterdir())[0]
+  return folder.name, sorted(folder.glob('*.JPEG'))[:count]
+
+
 def test_imagenet_empty_class_folder(shared_data, tmp_path):
-  mini = shared_data / 'imagenet-mini'
-  for wnid in ('n02058221', 'n07749582'):
-    (tmp_path / 'train' / wnid).mkdir(parents=True)
-  for name in ('n02058221_0.JPEG', 'n02058221_1.JPEG'):
-    shutil.copy(mini / 'train' / 'n02058221' / name,
-                tmp_path / 'train' / 'n02058221' / name)
+  wnid, paths = _first_jpegs(shared_data, 2)
+  for name in (wnid, 'n07749582'):
+    (tmp_path / 'train' / name).mkdir(parents=True)
+  for path in paths:
+    shutil.copy(path, tmp_path / 'train' / wnid / path.name)
   with pytest.raises(data.DataError) as error:
     data.imagenet_source('train', data_dir=str(tmp_path))
   _check_message(error, str(tmp_path / 'train' / 'n07749582'),
@@ -102,10 +115,10 @@ def test_imagenet_empty_class_folder(shared_data, tmp_path):
 
 
 def test_imagenet_corrupt_jpeg(shared_data, tmp_path):
-  folder = tmp_path / 'train' / 'n02058221'
+  wnid, (path,) = _first_jpegs(shared_data, 1)
+  folder = tmp_path / 'train' / wnid
   folder.mkdir(parents=True)
-  content = (shared_data / 'imagenet-mini' / 'train' / 'n02058221' /
-             'n02058221_0.JPEG').read_bytes()
+  content = path.read_bytes()
   (folder / 'a.JPEG').write_bytes(content[:40])
   iterator = data.imagenet_iterator('train', 1, image_size=8,
                                     data_dir=str(tmp_path), process_index=0,

@@ -4,7 +4,6 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from jreg import data
 from jreg.data import wikitext
@@ -22,6 +21,7 @@ def _write_corpus(folder, train, valid='a b\n', test='b a\n'):
   return folder
 
 
+@pytest.mark.shared_data
 def test_wikitext2_counts_and_vocabulary(wikitext2, shared_data):
   vocabulary = wikitext2.vocabulary
   assert len(vocabulary) == 33278
@@ -131,6 +131,7 @@ def test_lm_sharding_restore_and_eval():
   assert batches[-1]['mask'].sum() == 4 * 2
 
 
+@pytest.mark.shared_data
 def test_wikitext_iterator_on_shared_data(wikitext2):
   iterator = data.wikitext_iterator(wikitext2, 'train', 8, 70,
                                     process_index=0, process_count=1)
@@ -140,14 +141,14 @@ def test_wikitext_iterator_on_shared_data(wikitext2):
   assert len(iterator) == (2088628 // 8 - 1) // 70
 
 
-def test_wikitext_tfds_source_uses_tfds_download_manager(tmp_path):
-  """tfds has no WikiText builder: its download manager fetches the archive."""
-  extracted = _write_corpus(tmp_path / 'extracted' / 'wikitext-2',
-                            train='q r q\n', valid='r\n', test='q\n')
-  with mock.patch.object(tfds.download.DownloadManager, 'download_and_extract',
-                         return_value=str(extracted.parent)) as download:
+def test_wikitext_tfds_source_takes_the_download_path(tmp_path):
+  """tfds has no WikiText builder: source='tfds' downloads the official archive."""
+  with mock.patch('jreg.data.download.download',
+                  return_value=_write_corpus(tmp_path / 'wikitext-2',
+                                             train='q r q\n', valid='r\n',
+                                             test='q\n')) as download:
     corpus = data.load_wikitext('wikitext-2', source='tfds',
-                                data_dir=str(tmp_path / 'tfds'))
-  download.assert_called_once_with(
-      'https://wikitext.smerity.com/wikitext-2-v1.zip')
+                                data_dir=str(tmp_path))
+  download.assert_called_once_with('wikitext-2', data_dir=str(tmp_path),
+                                   mirror=None)
   assert corpus.vocabulary.symbols == ['<eos>', 'q', 'r']

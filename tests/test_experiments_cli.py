@@ -53,7 +53,7 @@ def test_missing_data_gives_one_sentence_and_nonzero_exit(tmp_path):
   assert result.returncode != 0, result.stderr[-2000:]
   message = [line for line in result.stderr.splitlines()
              if 'train-images-idx3-ubyte.gz is missing' in line]
-  assert len(message) == 1 and 'data_source=tfds' in message[0], result.stderr[-2000:]
+  assert len(message) == 1 and "source='auto'" in message[0], result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
 
 

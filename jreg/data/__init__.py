@@ -2,8 +2,11 @@
 
 Every iterator yields dicts of NumPy arrays holding this process's slice of the
 global batch and has `get_state() -> dict` (JSON) / `set_state(dict)`.
-Datasets come from `source='local'` (the standard distribution files under
-`data_dir`) or `source='tfds'`. See docs/data.md for the API, the file formats and the choices.
+Datasets come from `source='auto'` (the default: the standard distribution
+files under the data directory, downloaded and verified when missing),
+`'local'`, `'download'` or `'tfds'` (an already prepared tfds directory); see
+`jreg.data.common` for the sources and the data directory, and
+`jreg.data.download` for the downloads; docs/data.md for the formats.
 """
 from jreg.data.augment import normalize
 from jreg.data.augment import pad_crop_flip
@@ -11,6 +14,7 @@ from jreg.data.cifar10 import cifar10_iterator
 from jreg.data.cifar10 import load_cifar10
 from jreg.data.common import DataError
 from jreg.data.common import first_examples
+from jreg.data.common import cache_dir
 from jreg.data.common import default_data_dir
 from jreg.data.common import SOURCES
 from jreg.data.iterator import ArrayIterator
@@ -26,7 +30,7 @@ from jreg.data.wikitext import wikitext_iterator
 
 __all__ = (
     'ArrayIterator', 'DataError', 'ImageNetIterator', 'LMOrderedIterator',
-    'SOURCES', 'Vocabulary', 'WikiTextCorpus', 'cifar10_iterator',
+    'SOURCES', 'Vocabulary', 'WikiTextCorpus', 'cache_dir', 'cifar10_iterator',
     'default_data_dir', 'first_examples', 'imagenet_iterator',
     'imagenet_source', 'load_cifar10', 'load_mnist', 'load_synthetic_1d',
     'load_wikitext', 'mnist_iterator', 'normalize', 'pad_crop_flip',

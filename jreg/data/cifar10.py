@@ -1,4 +1,4 @@
-"""CIFAR-10 from its binary distribution, or from tfds `cifar10`.
+"""CIFAR-10 from its binary distribution (local or downloaded), or tfds `cifar10`.
 
 Binary version (Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html):
 `cifar-10-batches-bin/data_batch_{1..5}.bin` (train) and `test_batch.bin`,
@@ -25,7 +25,8 @@ _FOLDER = 'cifar-10-batches-bin'
 
 
 def _how_to_get(directory: pathlib.Path) -> str:
-  return ('pass --data_source=tfds, or download and extract '
+  return ("use source='auto' or 'download' (or `python -m jreg.data.download "
+          "cifar10`) to download and verify them, or download and extract "
           'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz so that '
           f'{directory} holds the .bin files')
 
@@ -62,17 +63,20 @@ def read_cifar10_bin(path: pathlib.Path,
   return np.ascontiguousarray(images), labels
 
 
-def load_cifar10(split: str = 'train', *, source: str = 'local',
-                 data_dir: Optional[str] = None) -> dict[str, np.ndarray]:
+def load_cifar10(split: str = 'train', *, source: str = common.DEFAULT_SOURCE,
+                 data_dir: Optional[str] = None,
+                 mirror: Optional[str] = None) -> dict[str, np.ndarray]:
   """CIFAR-10 as arrays.
 
   Args:
     split: 'train' (50,000) or 'test' (10,000).
-    source: 'local' (binary files under `data_dir/cifar10/cifar-10-batches-bin`,
-      `data_dir/cifar-10-batches-bin` or `data_dir`) or 'tfds'
-      (`tfds.data_source('cifar10')`, `data_dir` is tfds's data dir).
-    data_dir: see `source`; None means `../shared/data` (local) or tfds's
-      default.
+    source: 'auto', 'local', 'download' (binary files under
+      `data_dir/cifar10/cifar-10-batches-bin`, `data_dir/cifar-10-batches-bin`
+      or `data_dir`; see `jreg.data.common`) or 'tfds' (an already prepared
+      `cifar10` under tfds's `data_dir`).
+    data_dir: see `source`; None means `common.default_data_dir()` (or
+      tfds's default for 'tfds').
+    mirror: download mirror base URL (default `$JREG_DATA_MIRROR`).
 
   Returns:
     {'image': uint8 [N, 32, 32, 3], 'label': int32 [N]}.
@@ -87,8 +91,9 @@ def load_cifar10(split: str = 'train', *, source: str = 'local',
         progress_name=f'cifar10/{split}')
     return {'image': arrays['image'].astype(np.uint8).reshape(-1, 32, 32, 3),
             'label': arrays['label'].astype(np.int32)}
-  directory = common.dataset_dir(data_dir, (f'cifar10/{_FOLDER}', _FOLDER),
-                                 _FILES[split][0], _how_to_get)
+  directory = common.resolve_dataset_dir(
+      'cifar10', source, data_dir, (f'cifar10/{_FOLDER}', _FOLDER),
+      _FILES[split][0], _how_to_get, mirror)
   parts = [read_cifar10_bin(directory / name, _how_to_get(directory))
            for name in _FILES[split]]
   return {'image': np.concatenate([images for images, _ in parts]),
@@ -113,7 +118,9 @@ def cifar10_transform(augmentation: bool) -> iterator.Transform:
 def cifar10_iterator(split: str, global_batch_size: int, *,
                      mode: str = 'train', seed: int = 0,
                      augmentation: Optional[bool] = None,
-                     source: str = 'local', data_dir: Optional[str] = None,
+                     source: str = common.DEFAULT_SOURCE,
+                     data_dir: Optional[str] = None,
+                     mirror: Optional[str] = None,
                      process_index: Optional[int] = None,
                      process_count: Optional[int] = None,
                      num_epochs: Optional[int] = None,
@@ -128,14 +135,15 @@ def cifar10_iterator(split: str, global_batch_size: int, *,
     seed: shuffling and augmentation seed.
     augmentation: pad-4 random crop + flip; default True in train mode and
       False in eval mode.
-    source, data_dir: as `load_cifar10`.
+    source, data_dir, mirror: as `load_cifar10`.
     process_index, process_count, num_epochs: as `iterator.ArrayIterator`.
     arrays: already loaded `load_cifar10(split)` output (skips reading).
   """
   if augmentation is None:
     augmentation = mode == 'train'
   if arrays is None:
-    arrays = load_cifar10(split, source=source, data_dir=data_dir)
+    arrays = load_cifar10(split, source=source, data_dir=data_dir,
+                          mirror=mirror)
   return iterator.ArrayIterator(
       arrays, global_batch_size, mode=mode, seed=seed,
       transform=cifar10_transform(augmentation), process_index=process_index,

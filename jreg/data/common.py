@@ -1,24 +1,37 @@
-"""What every loader shares: the bad-data error, default paths, tfds access.
+"""What every loader shares: the bad-data error, the data directory, sources.
 
-Each dataset comes from one of two sources, chosen by `source`:
+Each dataset comes from one of these sources, chosen by `source`:
 
+- `'auto'` (the default): the standard distribution files under the data
+  directory when they are there, otherwise `'download'`.
 - `'local'`: a directory holding the dataset's standard distribution files
-  exactly as distributed (the layout of `../shared/data`, see its README).
-- `'tfds'`: `tfds.data_source(name, split=..., data_dir=...)` from
-  tensorflow-datasets, which reads prepared ArrayRecord files without
-  TensorFlow (what a user with internet gets).
+  exactly as distributed (the layout written by `'download'`:
+  `mnist/*.gz`, `cifar10/cifar-10-batches-bin/*.bin`,
+  `wikitext-2/wiki.*.tokens`, `imagenet/{train,val}/<wnid>/*.JPEG`).
+- `'download'`: fetches the standard files from their publishers (or from
+  the mirror in `$JREG_DATA_MIRROR`), checks their published SHA-256 and
+  extracts them into the data directory (`jreg.data.download`); files a
+  previous download verified are reused. ImageNet cannot be downloaded (its
+  licence asks for a sign-in): its error says how to get it.
+- `'tfds'`: reads a dataset that tensorflow-datasets has already prepared
+  under `data_dir` (ArrayRecord files, read without TensorFlow). Preparing
+  MNIST or CIFAR-10 with tfds needs TensorFlow, which jreg does not install;
+  tfds also orders the examples differently from the standard files.
+
+The data directory is `data_dir` when given, else `$JREG_DATA_DIR`, else the
+cache directory `$XDG_CACHE_HOME/jreg` (`~/.cache/jreg` when
+`$XDG_CACHE_HOME` is unset); it is never derived from where jreg is installed.
 """
+import os
 import pathlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import logging
 import numpy as np
 
-SOURCES = ('local', 'tfds')
-
-# `<repo>/../shared/data`: where the offline copies live beside the repository.
-_REPO = pathlib.Path(__file__).resolve().parents[2]
-SHARED_DATA_DIR = _REPO.parent / 'shared' / 'data'
+SOURCES = ('auto', 'local', 'download', 'tfds')
+DEFAULT_SOURCE = 'auto'
+DATA_DIR_ENV = 'JREG_DATA_DIR'
 
 
 class DataError(ValueError):
@@ -29,9 +42,16 @@ class DataError(ValueError):
   """
 
 
-def default_data_dir() -> Optional[str]:
-  """`<repo>/../shared/data` if it exists, else None."""
-  return str(SHARED_DATA_DIR) if SHARED_DATA_DIR.is_dir() else None
+def cache_dir() -> pathlib.Path:
+  """`$XDG_CACHE_HOME/jreg`, or `~/.cache/jreg` when that variable is unset."""
+  base = os.environ.get('XDG_CACHE_HOME') or '~/.cache'
+  return pathlib.Path(base).expanduser() / 'jreg'
+
+
+def default_data_dir() -> str:
+  """`$JREG_DATA_DIR` when set, else `cache_dir()`."""
+  return str(pathlib.Path(
+      os.environ.get(DATA_DIR_ENV) or cache_dir()).expanduser())
 
 
 def check_source(source: str) -> None:
@@ -39,18 +59,29 @@ def check_source(source: str) -> None:
     raise ValueError(f'data source {source!r} is not one of {SOURCES}.')
 
 
-def dataset_dir(data_dir: Optional[str], subdirs: Sequence[str], marker: str,
-                how_to_get: Callable[[pathlib.Path], str]) -> pathlib.Path:
-  """The folder that holds one dataset's distribution files.
+def find_dataset_dir(data_dir: Optional[str], subdirs: Sequence[str],
+                     marker: str) -> Optional[pathlib.Path]:
+  """The folder under `data_dir` that holds `marker`, or None.
 
-  Accepts the root of a `shared/data`-style tree (the files are then in
+  Accepts the root of a data tree (the files are then in
   `data_dir/<one of subdirs>`) or the dataset's own folder (files directly in
   `data_dir`).
+  """
+  root = pathlib.Path(data_dir or default_data_dir()).expanduser()
+  for candidate in [root / subdir for subdir in subdirs] + [root]:
+    if (candidate / marker).exists():
+      return candidate
+  return None
+
+
+def dataset_dir(data_dir: Optional[str], subdirs: Sequence[str], marker: str,
+                how_to_get: Callable[[pathlib.Path], str]) -> pathlib.Path:
+  """The folder that holds one dataset's distribution files (`'local'`).
 
   Args:
     data_dir: root data directory, or None for `default_data_dir()`.
-    subdirs: the dataset's possible folders under the root, first the one of
-      `shared/data` (e.g. ('mnist',)).
+    subdirs: the dataset's possible folders under the root, first the standard
+      one (e.g. ('mnist',)).
     marker: a file or folder name that must exist in the dataset folder; used
       to tell the layouts apart.
     how_to_get: folder -> the clause telling the user how to get the data
@@ -62,19 +93,33 @@ def dataset_dir(data_dir: Optional[str], subdirs: Sequence[str], marker: str,
   Raises:
     DataError: no candidate folder holds `marker`.
   """
-  if data_dir is None:
-    data_dir = default_data_dir()
-    if data_dir is None:
-      raise DataError(
-          f'no data directory was given and {SHARED_DATA_DIR} does not exist: '
-          f'{how_to_get(SHARED_DATA_DIR / subdirs[0])}.')
-  root = pathlib.Path(data_dir).expanduser()
-  for candidate in [root / subdir for subdir in subdirs] + [root]:
-    if (candidate / marker).exists():
-      return candidate
+  found = find_dataset_dir(data_dir, subdirs, marker)
+  if found is not None:
+    return found
+  root = pathlib.Path(data_dir or default_data_dir()).expanduser()
   raise DataError(
       f'{root / subdirs[0] / marker} is missing (nor is it in {root}): '
       f'{how_to_get(root / subdirs[0])}.')
+
+
+def resolve_dataset_dir(dataset: str, source: str, data_dir: Optional[str],
+                        subdirs: Sequence[str], marker: str,
+                        how_to_get: Callable[[pathlib.Path], str],
+                        mirror: Optional[str] = None) -> pathlib.Path:
+  """The dataset folder for the file-based sources 'auto', 'local', 'download'.
+
+  'auto' uses the files under the data directory when `marker` is there and
+  downloads otherwise; 'download' always goes through
+  `jreg.data.download.download` (which reuses files it verified before).
+  """
+  if source == 'local':
+    return dataset_dir(data_dir, subdirs, marker, how_to_get)
+  if source == 'auto':
+    found = find_dataset_dir(data_dir, subdirs, marker)
+    if found is not None:
+      return found
+  from jreg.data import download  # pylint: disable=g-import-not-at-top
+  return download.download(dataset, data_dir=data_dir, mirror=mirror)
 
 
 def require_file(path: pathlib.Path, how_to_get: str) -> pathlib.Path:
@@ -84,16 +129,47 @@ def require_file(path: pathlib.Path, how_to_get: str) -> pathlib.Path:
   return path
 
 
+_TFDS_HOW = ("jreg reads tensorflow-datasets directories that are already "
+             "prepared (preparing MNIST or CIFAR-10 needs TensorFlow: "
+             "`pip install tensorflow` then `tfds build NAME --data_dir=DIR`), "
+             "or use source='auto' to download the standard files instead")
+
+
 def tfds_data_source(name: str, split: str, data_dir: Optional[str],
                      **kwargs) -> Any:
-  """`tfds.data_source(name, split=split, data_dir=data_dir)`.
+  """`tfds.data_source(name, split=split, data_dir=data_dir, download=False)`.
 
-  Imported lazily: the local source does not need tensorflow-datasets. Reading
-  a prepared dataset needs no TensorFlow; preparing one (the first call, with
-  internet) follows tfds's own rules for that dataset.
+  Reads an already prepared dataset (ArrayRecord files) without TensorFlow.
+  Imported lazily: the other sources do not need tensorflow-datasets.
+
+  Raises:
+    DataError: tensorflow-datasets or its `importlib_resources` dependency is
+      missing, or no prepared dataset is under `data_dir`.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.data_source(name, split=split, data_dir=data_dir, **kwargs)
+  try:
+    # tfds 4.9.10 imports importlib_resources lazily, on first use.
+    import importlib_resources  # pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as error:
+    raise DataError(
+        f"source='tfds' needs the Python module {error.name!r}, which is not "
+        f"installed (`pip install -e .` installs jreg's pinned set, "
+        f"importlib_resources included), or use source='auto'.") from None
+  kwargs = dict(kwargs)
+  kwargs.setdefault('download', False)
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, **kwargs)
+  except ModuleNotFoundError as error:
+    raise DataError(
+        f'preparing tensorflow-datasets {name!r} needs the Python module '
+        f'{error.name!r} (TensorFlow is not among jreg\'s requirements): '
+        f'{_TFDS_HOW}.') from None
+  except (AssertionError, RuntimeError, OSError, ValueError) as error:
+    where = data_dir or 'the default tfds directory'
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise DataError(
+        f'no prepared tensorflow-datasets {name!r} split {split!r} could be '
+        f'read from {where} ({reason}): {_TFDS_HOW}.') from None
 
 
 def tfds_to_arrays(source: Any, fields: Mapping[str, Callable[[Any], Any]],

@@ -1,12 +1,14 @@
 """ImageNet (ILSVRC-2012) classification with parallel JPEG decoding (grain).
 
 Sources:
-- 'local': an extracted ImageNet folder, `train/<wnid>/*.JPEG` and
-  `val/<wnid>/*.JPEG`; class index = position of the wnid in the sorted list
-  of `train/` sub-folders (the usual `ImageFolder` convention).
-- 'tfds': `tfds.data_source('imagenet2012')`, prepared from the archives the
-  user downloaded by hand into `manual_dir` (ImageNet's licence forbids
-  automatic download).
+- 'auto', 'local', 'download': an extracted ImageNet folder,
+  `train/<wnid>/*.JPEG` and `val/<wnid>/*.JPEG`; class index = position of
+  the wnid in the sorted list of `train/` sub-folders (the usual
+  `ImageFolder` convention). ImageNet's licence forbids automatic download:
+  when the folder is missing the error lists the manual steps.
+- 'tfds': an already prepared `tfds.data_source('imagenet2012')`; with
+  `manual_dir` (the archives downloaded by hand) tfds prepares it first,
+  which needs TensorFlow.
 
 Pipeline (grain 0.2.18): a random-access source -> `grain.python.IndexSampler`
 (one global shuffle per epoch, `seed`) -> `grain.python.DataLoader` with
@@ -48,10 +50,8 @@ EVAL_CROP_FRACTION = 0.875
 
 
 def _how_to_get(directory: pathlib.Path) -> str:
-  return ('pass --data_source=tfds with the ILSVRC2012 archives in its manual '
-          'directory, or download ILSVRC2012 from https://image-net.org and '
-          f'extract it to {directory}/train/<wnid>/*.JPEG and '
-          f'{directory}/val/<wnid>/*.JPEG')
+  from jreg.data import download  # pylint: disable=g-import-not-at-top
+  return download.imagenet_how_to_get(directory)
 
 
 class ImageFolderSource(grain.RandomAccessDataSource):
@@ -256,7 +256,7 @@ class _TfdsImageSource(grain.RandomAccessDataSource):
     return f'TfdsImageSource({self._records!r}, num_records={len(self)})'
 
 
-def imagenet_source(split: str, *, source: str = 'local',
+def imagenet_source(split: str, *, source: str = common.DEFAULT_SOURCE,
                     data_dir: Optional[str] = None,
                     manual_dir: Optional[str] = None,
                     tfds_name: str = 'imagenet2012'):
@@ -264,11 +264,12 @@ def imagenet_source(split: str, *, source: str = 'local',
 
   Args:
     split: 'train' or 'validation'.
-    source: 'local' (folders under `data_dir/imagenet/`, `data_dir/imagenet-mini/`
-      or `data_dir/`) or 'tfds'.
-    data_dir: local root, or tfds's data dir; None: `../shared/data` (local,
-      where the 10-class imagenet-mini stands in) or tfds's default.
-    manual_dir: tfds only: where the ILSVRC2012 archives were downloaded.
+    source: 'auto', 'local' or 'download' (folders under `data_dir/imagenet/`,
+      `data_dir/imagenet-mini/` or `data_dir/`; never downloaded) or 'tfds'.
+    data_dir: local root, or tfds's data dir; None:
+      `common.default_data_dir()` or tfds's default.
+    manual_dir: tfds only: where the ILSVRC2012 archives were downloaded;
+      given, tfds prepares the dataset (which needs TensorFlow).
     tfds_name: tfds only: the builder name.
   """
   common.check_source(source)
@@ -278,6 +279,7 @@ def imagenet_source(split: str, *, source: str = 'local',
     kwargs = {}
     if manual_dir is not None:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      kwargs['download'] = True
       kwargs['download_and_prepare_kwargs'] = {
           'download_config': tfds.download.DownloadConfig(
               manual_dir=manual_dir)}
@@ -378,7 +380,8 @@ class ImageNetIterator:
 def imagenet_iterator(split: str, global_batch_size: int, *,
                       image_size: int = 224, mode: str = 'train',
                       seed: int = 0, worker_count: int = 0,
-                      source: str = 'local', data_dir: Optional[str] = None,
+                      source: str = common.DEFAULT_SOURCE,
+                      data_dir: Optional[str] = None,
                       manual_dir: Optional[str] = None,
                       process_index: Optional[int] = None,
                       process_count: Optional[int] = None,

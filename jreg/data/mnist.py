@@ -1,4 +1,4 @@
-"""MNIST from its four gzipped IDX files, or from tfds `mnist`.
+"""MNIST from its four gzipped IDX files (local or downloaded), or tfds `mnist`.
 
 IDX format (LeCun et al., http://yann.lecun.com/exdb/mnist/): a big-endian
 int32 magic number (2051 for images, 2049 for labels; the low byte is the
@@ -25,8 +25,10 @@ _LABELS_MAGIC = 2049
 
 
 def _how_to_get(directory) -> str:
-  return ('pass --data_source=tfds, or download the four IDX .gz files from '
-          f'https://ossci-datasets.s3.amazonaws.com/mnist/ into {directory}')
+  return ("use source='auto' or 'download' (or `python -m jreg.data.download "
+          "mnist`) to download and verify them, or put the four IDX .gz files "
+          f'of https://storage.googleapis.com/cvdf-datasets/mnist/ into '
+          f'{directory}')
 
 
 def read_idx(path: pathlib.Path, magic: int, ndim: int,
@@ -73,16 +75,19 @@ def read_idx(path: pathlib.Path, magic: int, ndim: int,
   return np.frombuffer(content, np.uint8, offset=header_size).reshape(dims)
 
 
-def load_mnist(split: str = 'train', *, source: str = 'local',
-               data_dir: Optional[str] = None) -> dict[str, np.ndarray]:
+def load_mnist(split: str = 'train', *, source: str = common.DEFAULT_SOURCE,
+               data_dir: Optional[str] = None,
+               mirror: Optional[str] = None) -> dict[str, np.ndarray]:
   """MNIST as arrays.
 
   Args:
     split: 'train' (60,000) or 'test' (10,000).
-    source: 'local' (IDX files under `data_dir/mnist/` or `data_dir/`) or
-      'tfds' (`tfds.data_source('mnist')`, `data_dir` is tfds's data dir).
-    data_dir: see `source`; None means `../shared/data` (local) or tfds's
-      default.
+    source: 'auto', 'local', 'download' (IDX files under `data_dir/mnist/`
+      or `data_dir/`; see `jreg.data.common`) or 'tfds' (an already prepared
+      `mnist` under tfds's `data_dir`).
+    data_dir: see `source`; None means `common.default_data_dir()` (or
+      tfds's default for 'tfds').
+    mirror: download mirror base URL (default `$JREG_DATA_MIRROR`).
 
   Returns:
     {'image': uint8 [N, 28, 28, 1], 'label': int32 [N]}.
@@ -98,8 +103,9 @@ def load_mnist(split: str = 'train', *, source: str = 'local',
     return {'image': arrays['image'].astype(np.uint8).reshape(-1, 28, 28, 1),
             'label': arrays['label'].astype(np.int32)}
   images_name, labels_name = _FILES[split]
-  directory = common.dataset_dir(data_dir, ('mnist',), images_name,
-                                 _how_to_get)
+  directory = common.resolve_dataset_dir('mnist', source, data_dir,
+                                         ('mnist',), images_name, _how_to_get,
+                                         mirror)
   how = _how_to_get(directory)
   images = read_idx(directory / images_name, _IMAGES_MAGIC, 3, how)
   labels = read_idx(directory / labels_name, _LABELS_MAGIC, 1, how)
@@ -128,8 +134,9 @@ def mnist_transform(batch: dict[str, np.ndarray],
 
 
 def mnist_iterator(split: str, global_batch_size: int, *, mode: str = 'train',
-                   seed: int = 0, source: str = 'local',
+                   seed: int = 0, source: str = common.DEFAULT_SOURCE,
                    data_dir: Optional[str] = None,
+                   mirror: Optional[str] = None,
                    process_index: Optional[int] = None,
                    process_count: Optional[int] = None,
                    num_epochs: Optional[int] = None,
@@ -142,12 +149,13 @@ def mnist_iterator(split: str, global_batch_size: int, *, mode: str = 'train',
     global_batch_size: examples per step over all processes.
     mode: 'train' or 'eval' (see `iterator.ArrayIterator`).
     seed: shuffling seed.
-    source, data_dir: as `load_mnist`.
+    source, data_dir, mirror: as `load_mnist`.
     process_index, process_count, num_epochs: as `iterator.ArrayIterator`.
     arrays: already loaded `load_mnist(split)` output (skips reading).
   """
   if arrays is None:
-    arrays = load_mnist(split, source=source, data_dir=data_dir)
+    arrays = load_mnist(split, source=source, data_dir=data_dir,
+                        mirror=mirror)
   return iterator.ArrayIterator(
       arrays, global_batch_size,
       mode=mode, seed=seed, transform=mnist_transform,

@@ -43,18 +43,17 @@ VARIANTS = ('wikitext-103', 'wikitext-2')
 SPLITS = ('train', 'valid', 'test')
 EOS = '<eos>'
 UNK = '<unk>'
-_URLS = {
-    'wikitext-103': 'https://wikitext.smerity.com/wikitext-103-v1.zip',
-    'wikitext-2': 'https://wikitext.smerity.com/wikitext-2-v1.zip',
-}
 _VOCABULARY_FORMAT = 'jreg-vocabulary-v1'
 
 
 def _how_to_get(variant: str):
   def how(directory: pathlib.Path) -> str:
-    return (f'pass --data_source=tfds to download it, or download '
-            f'{_URLS[variant]} and extract the wiki.*.tokens files into '
-            f'{directory}')
+    from jreg.data import download  # pylint: disable=g-import-not-at-top
+    return (f"use source='auto' or 'download' (or `python -m "
+            f"jreg.data.download {variant}`) to download and verify it, or "
+            f'download {download.DATASETS[variant].files[0].url} and extract '
+            'the wiki.*.tokens files '
+            f'into {directory}')
   return how
 
 
@@ -168,38 +167,37 @@ class WikiTextCorpus:
     return self.splits['test']
 
 
-def _wikitext_folder(variant: str, source: str,
-                     data_dir: Optional[str]) -> pathlib.Path:
-  """The folder holding `wiki.*.tokens` for either source."""
-  how = _how_to_get(variant)
-  if source == 'local':
-    return common.dataset_dir(data_dir, (variant,), 'wiki.train.tokens', how)
-  # tensorflow-datasets 4.9.10 has no WikiText builder; its download manager
-  # fetches and extracts the official archive (cached under data_dir).
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  root = pathlib.Path(data_dir or '~/tensorflow_datasets').expanduser()
-  manager = tfds.download.DownloadManager(
-      download_dir=root / 'downloads' / variant)
-  extracted = pathlib.Path(manager.download_and_extract(_URLS[variant]))
-  return common.dataset_dir(str(extracted), (variant,), 'wiki.train.tokens',
-                            how)
+def _wikitext_folder(variant: str, source: str, data_dir: Optional[str],
+                     mirror: Optional[str]) -> pathlib.Path:
+  """The folder holding `wiki.*.tokens`.
+
+  tensorflow-datasets has no WikiText builder; `source='tfds'` (which used
+  its download manager for the official archive) now takes the 'download'
+  path, which fetches the same archive and checks its digest.
+  """
+  if source == 'tfds':
+    source = 'download'
+  return common.resolve_dataset_dir(variant, source, data_dir, (variant,),
+                                    'wiki.train.tokens', _how_to_get(variant),
+                                    mirror)
 
 
-def load_wikitext(variant: str = 'wikitext-103', *, source: str = 'local',
+def load_wikitext(variant: str = 'wikitext-103', *,
+                  source: str = common.DEFAULT_SOURCE,
                   data_dir: Optional[str] = None,
-                  cache_dir: Optional[str] = None) -> WikiTextCorpus:
+                  cache_dir: Optional[str] = None,
+                  mirror: Optional[str] = None) -> WikiTextCorpus:
   """Reads, builds the training vocabulary, and encodes all three splits.
 
   Args:
     variant: 'wikitext-103' or 'wikitext-2' (same format).
-    source: 'local' (`wiki.*.tokens` under `data_dir/<variant>/` or
-      `data_dir/`) or 'tfds' (tensorflow-datasets' download manager fetches
-      and extracts the official archive under `data_dir/downloads/`;
-      tensorflow-datasets has no WikiText builder).
-    data_dir: see `source`; None means `../shared/data` (local) or
-      `~/tensorflow_datasets` (tfds).
+    source: 'auto', 'local' or 'download' (`wiki.*.tokens` under
+      `data_dir/<variant>/` or `data_dir/`; see `jreg.data.common`); 'tfds'
+      is taken as 'download' (tensorflow-datasets has no WikiText builder).
+    data_dir: see `source`; None means `common.default_data_dir()`.
     cache_dir: if given, the vocabulary (JSON) and the encoded splits (.npy)
       are saved there on first use and read back afterwards.
+    mirror: download mirror base URL (default `$JREG_DATA_MIRROR`).
 
   Returns:
     The corpus.
@@ -213,7 +211,7 @@ def load_wikitext(variant: str = 'wikitext-103', *, source: str = 'local',
     return WikiTextCorpus(vocabulary, {
         split: np.load(cache / f'{split}.npy', allow_pickle=False)
         for split in SPLITS})
-  folder = _wikitext_folder(variant, source, data_dir)
+  folder = _wikitext_folder(variant, source, data_dir, mirror)
   how = _how_to_get(variant)(folder)
   paths = {split: folder / f'wiki.{split}.tokens' for split in SPLITS}
   for path in paths.values():
