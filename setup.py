@@ -26,7 +26,7 @@ INSTALL_REQUIRES = [
     'pillow==13.0.0',                # JPEG decoding
     'matplotlib==3.11.2',            # PNG figures
     'tensorboardX==2.6.5',           # TensorBoard event files without TensorFlow
-    'tqdm==4.70.1',                  # download progress
+    'tqdm==4.70.1',                  # progress bars (training, downloads)
 ]
 
 setuptools.setup(
@@ -38,5 +38,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['jreg', 'jreg.*']),
     python_requires='>=3.11,<3.14',
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0']},
+    extras_require={'test': [
+        'pytest==9.2.0', 'pytest-xdist==3.8.0',
+        # Executing the notebooks in notebooks/.
+        'nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0',
+    ]},
 )
