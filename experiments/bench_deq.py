@@ -358,6 +358,8 @@ def run(config, workdir):
       'b_iters': config['b_iters'], 'loop': config['loop'],
       'layers': config['layers'][0],
       'median_step_s': main['median_step_s'],
+      't_f_s': main['t_f_s'], 't_vjp_s': main['t_vjp_s'],
+      't_rest_s': main['t_rest_s'], 'ideal_step_s': main['ideal_step_s'],
       'solver_overhead': main['solver_overhead'], 'loss': main['loss'],
       'loop_forms': forms,
       'devices': str(jax.devices()), 'cpu_count': os.cpu_count(),
