@@ -2,26 +2,34 @@
 
 Times, at the shapes of `experiments/bench_deq.py` ([64, 32, 32, C]), a 3×3
 convolution forward, its input and weight gradients, and GroupNorm, in JAX
-and (when `.venv-torchdeq` exists) in PyTorch, and prints JSON. The solver
-loops of `jreg.deq` add no overhead there (solver overhead ≈ 0.9); the gap to
-torchdeq is these kernels (BUILD_NOTES.md, "Figures re-measured").
+and (when the torchdeq environment exists: `--torchdeq_python`, default
+`$JREG_TORCHDEQ_PYTHON` or `.venv-torchdeq/bin/python`) in PyTorch, and prints
+JSON. JAX figures come in two implementations (`jreg.layers`): `xla`
+(autodiff of `lax.conv_general_dilated`, two-pass GroupNorm) and `custom`
+(the convolution's own VJP, one-pass GroupNorm); the `*_in_loop` entries are
+per iteration of a 3-iteration `lax.fori_loop` (where XLA:CPU runs the
+autodiff forms of convolution gradients slowly).
 
     python -m experiments.bench_cpu_kernels
 """
 import json
+import os
 import pathlib
 import subprocess
 import time
 
 from absl import app
-import haiku as hk
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jreg import layers
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TORCH_PYTHON = REPO / '.venv-torchdeq' / 'bin' / 'python'
-_DN = ('NHWC', 'HWIO', 'NHWC')
+DEFAULT_TORCH_PYTHON = pathlib.Path(os.environ.get(
+    'JREG_TORCHDEQ_PYTHON', REPO / '.venv-torchdeq' / 'bin' / 'python'))
+_LOOP_ITERS = 3
 
 _TORCH_SCRIPT = '''
 import json, time, torch
@@ -35,10 +43,13 @@ x = torch.randn(64, 48, 32, 32, requires_grad=True)
 conv = torch.nn.Conv2d(48, 64, 3, padding=1, bias=False)
 gn = torch.nn.GroupNorm(8, 64)
 z = torch.randn(64, 64, 32, 32)
+zg = torch.randn(64, 64, 32, 32, requires_grad=True)
 print(json.dumps({
     'conv_forward': median(lambda: conv(x)),
     'conv_forward_and_gradients': median(lambda: (conv(x) ** 2).sum().backward()),
     'group_norm': median(lambda: gn(z)),
+    'group_norm_forward_and_gradient': median(
+        lambda: (gn(zg) * zg).sum().backward()),
 }))
 '''
 
@@ -53,39 +64,55 @@ def _median(fn, *args, n=10):
   return float(np.median(times))
 
 
-def jax_timings():
+def jax_timings(impl):
+  """Per-op medians (s) with `jreg.layers` in implementation `impl`."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(64, 32, 32, 48)), jnp.float32)   # [B, H, W, C]
   w = jnp.asarray(0.1 * rng.normal(size=(3, 3, 48, 64)), jnp.float32)
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                                   dimension_numbers=_DN)
+  conv = lambda x, w: layers.conv2d(x, w, (1, 1), 'SAME', impl=impl)
   gy = conv(x, w)
-  gn = hk.without_apply_rng(hk.transform(lambda z: hk.GroupNorm(8)(z)))
   z = jnp.asarray(rng.normal(size=(64, 32, 32, 64)), jnp.float32)
-  gn_params = gn.init(jax.random.PRNGKey(0), z)
+  scale, offset = jnp.ones([64]), jnp.zeros([64])
+  norm = lambda z: layers.group_norm(z, 8, scale, offset, impl=impl)
+  input_grad = lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
+  weight_grad = lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+
+  def in_loop(grad, like):
+    def loop(x, w, g):  # the carry feeds back so nothing is hoisted
+      return jax.lax.fori_loop(
+          0, _LOOP_ITERS, lambda i, acc: acc + grad(x, w, g + acc.mean()),
+          jnp.zeros_like(like))
+    return lambda *a: _median(jax.jit(loop), *a, n=3) / _LOOP_ITERS
+
   return {
       'conv_forward': _median(jax.jit(conv), x, w),
       'conv_forward_and_gradients': _median(jax.jit(jax.grad(
           lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))), x, w),
-      'conv_input_gradient': _median(jax.jit(
-          lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)), x, w, gy),
-      'conv_weight_gradient': _median(jax.jit(
-          lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)), x, w, gy),
-      'group_norm': _median(jax.jit(gn.apply), gn_params, z),
+      'conv_input_gradient': _median(jax.jit(input_grad), x, w, gy),
+      'conv_weight_gradient': _median(jax.jit(weight_grad), x, w, gy),
+      'conv_input_gradient_in_loop': in_loop(input_grad, x)(x, w, gy),
+      'conv_weight_gradient_in_loop': in_loop(weight_grad, w)(x, w, gy),
+      'group_norm': _median(jax.jit(norm), z),
+      'group_norm_forward_and_gradient': _median(jax.jit(jax.grad(
+          lambda z: jnp.sum(norm(z) * z))), z),
   }
 
 
 def main(argv):
   del argv
-  result = {'jax': jax_timings()}
-  if TORCH_PYTHON.exists():
-    out = subprocess.run([str(TORCH_PYTHON), '-c', _TORCH_SCRIPT],
+  result = {f'jax_{impl}': jax_timings(impl) for impl in ('custom', 'xla')}
+  python = pathlib.Path(flags.FLAGS.torchdeq_python)
+  if python.exists():
+    out = subprocess.run([str(python), '-c', _TORCH_SCRIPT],
                          capture_output=True, text=True, check=True).stdout
     result['torch'] = json.loads(out)
-    result['jax_over_torch'] = {k: result['jax'][k] / v
-                                for k, v in result['torch'].items()}
+    for impl in ('custom', 'xla'):
+      result[f'jax_{impl}_over_torch'] = {
+          k: result[f'jax_{impl}'][k] / v for k, v in result['torch'].items()}
   print(json.dumps(result, indent=1))
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('torchdeq_python', str(DEFAULT_TORCH_PYTHON),
+                      'Python of the torchdeq environment (PyTorch).')
   app.run(main)

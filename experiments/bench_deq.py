@@ -1,7 +1,8 @@
 """Benchmark: one DEQ+JR training step in jreg against PyTorch + torchdeq.
 
-Builds in Haiku exactly the model and step of
-/work/shared/bench/torchdeq_reference.py (its docstring):
+Builds in Haiku exactly the model and step of the reference script
+`torchdeq_reference.py` (by default `../shared/bench/` beside the repository;
+`--reference_script`), as its docstring defines them:
 
   stem:  x_inj = GN(8, C)(conv3x3(3 -> C, bias)(image))
   cell:  f(z, x) = GN3(relu(z + GN2(x + conv2(GN1(relu(conv1(z)))))))
@@ -22,20 +23,33 @@ Jacobian term, head, loss and Adam); and
   solver overhead = step / (NFE_f * t_f + NFE_b * t_vjp + t_rest),
 
 with NFE_f = F and NFE_b = B: the overhead is what the solver loops cost beyond
-their cell evaluations and VJPs. When the torchdeq environment is
-present the reference is run in a subprocess in the same invocation (before
-and after jreg's timing) and the ratio jreg / torchdeq (mean of the two
-reference medians) is reported.
+their cell evaluations and VJPs. The reference is run in a subprocess of
+the torchdeq environment (`--torchdeq_python`, default `$JREG_TORCHDEQ_PYTHON`
+or else `.venv-torchdeq/bin/python` in the repository) in the same invocation, before and after jreg's timing,
+and the ratio jreg / torchdeq (mean of the two reference medians) is reported.
 
-Usage:
-  python -m experiments.bench_deq --model=conv --batch=64 --f_iters=20 --b_iters=20
+Loop forms. The default is what users run: both solvers in `lax.while_loop`
+(early stopping; here tol = 0 so that both frameworks do exactly F and B
+evaluations). The straight-line form (`unroll`: the loops unrolled into
+straight-line code, no early stop) is timed in the same run, interleaved
+round by round with the default, and reported under `loop_forms`; the
+top-level figures are those of `--loop` (default `while`).
+
+Layers. `--layers=custom` (default) builds the cell's convolutions and
+GroupNorms with `jreg.layers` (convolution with its own VJP, one-pass
+GroupNorm); `--layers=xla` with autodiff of `lax.conv_general_dilated` and
+the two-pass GroupNorm (the code path before `jreg.layers`);
+`--layers=custom,xla` times both.
+
+Usage (the lead's figure; a few minutes on 2 cores):
+  python -m experiments.bench_deq --model=conv
+  python -m experiments.bench_deq --model=toy
 """
 import json
 import os
 import pathlib
 import statistics
 import subprocess
-import sys
 import time
 
 from absl import app
@@ -43,15 +57,17 @@ from absl import flags
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jreg import cli
+from jreg import layers
 import jreg.deq
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / 'shared' / 'bench' / 'torchdeq_reference.py'
-TORCH_PYTHON = REPO / '.venv-torchdeq' / 'bin' / 'python'
+DEFAULT_REFERENCE = REPO.parent / 'shared' / 'bench' / 'torchdeq_reference.py'
+DEFAULT_TORCH_PYTHON = pathlib.Path(os.environ.get(
+    'JREG_TORCHDEQ_PYTHON', REPO / '.venv-torchdeq' / 'bin' / 'python'))
+LOOP_FORMS = ('while', 'unroll')
 
 FLAGS = flags.FLAGS
 
@@ -63,44 +79,54 @@ def define_flags():
   flags.DEFINE_integer('inner', 64, 'I (conv model).')
   flags.DEFINE_integer('f_iters', 20, 'F: forward Anderson evaluations.')
   flags.DEFINE_integer('b_iters', 20, 'B: backward fixed-point VJPs.')
-  flags.DEFINE_integer('steps', 20, 'Timed steps.')
-  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-  flags.DEFINE_enum('backward_loop', 'unroll', ['unroll', 'while'],
-                    'Backward fixed-point loop: straight-line code or '
-                    'lax.while_loop.')
-  flags.DEFINE_enum('forward_loop', 'while', ['unroll', 'while'],
-                    'Forward Anderson loop: straight-line code or '
-                    'lax.while_loop.')
-  flags.DEFINE_bool('reference', True, 'Also run torchdeq_reference.py.')
+  flags.DEFINE_integer('steps', 4, 'Timed steps per round and loop form.')
+  flags.DEFINE_integer('rounds', 2, 'Rounds; each times every loop form.')
+  flags.DEFINE_integer('warmup', 1, 'Untimed steps after compilation.')
+  flags.DEFINE_enum('loop', 'while', list(LOOP_FORMS),
+                    'Loop form of the top-level figures: lax.while_loop '
+                    '(early stopping, what users run) or straight-line code.')
+  flags.DEFINE_list('loop_forms', list(LOOP_FORMS),
+                    'Loop forms timed (interleaved); must include --loop.')
+  flags.DEFINE_list('layers', ['custom'],
+                    'jreg.layers implementations timed: custom, xla.')
+  flags.DEFINE_bool('reference', True, 'Also run the torchdeq reference.')
+  flags.DEFINE_string('torchdeq_python', str(DEFAULT_TORCH_PYTHON),
+                      'Python of the torchdeq environment.')
+  flags.DEFINE_string('reference_script', str(DEFAULT_REFERENCE),
+                      'Path of torchdeq_reference.py.')
 
 
 def default_config():
   return dict(model='conv', batch=64, channels=48, inner=64, f_iters=20,
-              b_iters=20, steps=20, warmup=3, backward_loop='unroll',
-              forward_loop='while',
-              reference=True, seed=0)
+              b_iters=20, steps=4, rounds=2, warmup=1, loop='while',
+              loop_forms=LOOP_FORMS, layers=('custom',), reference=True,
+              torchdeq_python=str(DEFAULT_TORCH_PYTHON),
+              reference_script=str(DEFAULT_REFERENCE), seed=0)
 
 
 def quickstart_config():
   """A seconds-long run: the toy model, few steps, jreg only."""
-  return dict(default_config(), model='toy', f_iters=6, b_iters=6, steps=5,
-              warmup=1, reference=False)
+  return dict(default_config(), model='toy', f_iters=6, b_iters=6, steps=3,
+              rounds=1, warmup=1, reference=False)
 
 
 class ConvCell(hk.Module):
   """f(z, x) = GN3(relu(z + GN2(x + conv2(GN1(relu(conv1(z)))))))."""
 
-  def __init__(self, inner, name=None):
+  def __init__(self, inner, impl, name=None):
     super().__init__(name=name)
     self.inner = inner
+    self.impl = impl
 
   def __call__(self, z, x):  # z, x: [B, H, W, C]
     channels = z.shape[-1]
-    y = hk.Conv2D(self.inner, 3, with_bias=False, name='conv1')(z)  # [B, H, W, I]
-    y = hk.GroupNorm(8, name='gn1')(jax.nn.relu(y))
-    y = hk.Conv2D(channels, 3, with_bias=False, name='conv2')(y)    # [B, H, W, C]
-    y = hk.GroupNorm(8, name='gn2')(x + y)
-    return hk.GroupNorm(8, name='gn3')(jax.nn.relu(z + y))
+    y = layers.Conv2D(self.inner, 3, with_bias=False, impl=self.impl,
+                      name='conv1')(z)                                # [B, H, W, I]
+    y = layers.GroupNorm(8, impl=self.impl, name='gn1')(jax.nn.relu(y))
+    y = layers.Conv2D(channels, 3, with_bias=False, impl=self.impl,
+                      name='conv2')(y)                                # [B, H, W, C]
+    y = layers.GroupNorm(8, impl=self.impl, name='gn2')(x + y)
+    return layers.GroupNorm(8, impl=self.impl, name='gn3')(jax.nn.relu(z + y))
 
 
 class ToyCell(hk.Module):
@@ -116,63 +142,73 @@ class ToyCell(hk.Module):
     return hk.Linear(z.shape[-1], with_bias=False, name='w2')(jax.nn.relu(h))
 
 
-def _make_cell(config):
+def _make_cell(config, impl):
   if config['model'] == 'conv':
-    return lambda z, x: ConvCell(config['inner'], name='cell')(z, x)
+    return lambda z, x: ConvCell(config['inner'], impl, name='cell')(z, x)
   return lambda z, x: ToyCell(name='cell')(z, x)
 
 
-def _deq(config):
+def _deq(config, loop, impl):
   # ridge_relative=False: torchdeq's (absolute) Anderson regulariser.
   forward = jreg.deq.SolverConfig(name='anderson', max_iter=config['f_iters'],
                                   tol=0.0, history=5, ridge_relative=False,
-                                  unroll=config['forward_loop'] == 'unroll')
+                                  unroll=loop == 'unroll')
   backward = jreg.deq.BackwardConfig(
       mode='implicit', solver=jreg.deq.SolverConfig(
           name='fixed_point', max_iter=config['b_iters'], tol=0.0,
-          unroll=config['backward_loop'] == 'unroll'))
-  return jreg.deq.DEQ(_make_cell(config), forward=forward, backward=backward,
-                      unrolled_steps=1, jacobian_vectors=1,
-                      report_backward_stats=False,
+          unroll=loop == 'unroll'))
+  return jreg.deq.DEQ(_make_cell(config, impl), forward=forward,
+                      backward=backward, unrolled_steps=1, jacobian_vectors=1,
                       name='deq')
 
 
-def _stem(config, inputs):
+def _stem(config, inputs, impl):
   if config['model'] == 'conv':
-    x = hk.Conv2D(config['channels'], 3, name='stem')(inputs)  # [B, 32, 32, C]
-    return hk.GroupNorm(8, name='stem_gn')(x)
+    x = layers.Conv2D(config['channels'], 3, impl=impl, name='stem')(inputs)
+    return layers.GroupNorm(8, impl=impl, name='stem_gn')(x)  # [B, 32, 32, C]
   return inputs  # [B, 1]
 
 
-def _head_loss(config, z, targets):
+def _head_loss(config, z, targets, impl):
   if config['model'] == 'conv':
-    h = hk.GroupNorm(8, name='head_gn')(z)
+    h = layers.GroupNorm(8, impl=impl, name='head_gn')(z)
     h = hk.avg_pool(h, 8, 8, 'VALID')                          # [B, 4, 4, C]
     logits = hk.Linear(10, name='fc')(h.reshape(h.shape[0], -1))
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   return jnp.mean(jnp.square(z - targets))
 
 
-def build(config):
-  """Returns (params, opt_state, step, batch, timers) for the configured model."""
-  rng = jax.random.PRNGKey(config['seed'])
-  data_rng, init_rng = jax.random.split(rng)
+def _data(config):
+  data_rng = jax.random.split(jax.random.PRNGKey(config['seed']))[0]
   if config['model'] == 'conv':
     inputs = jax.random.normal(data_rng, (config['batch'], 32, 32, 3))
     targets = jax.random.randint(data_rng, (config['batch'],), 0, 10)
   else:
     inputs = jax.random.uniform(data_rng, (config['batch'], 1)) * 4 - 2
     targets = jnp.sin(inputs)
+  return inputs, targets
+
+
+def build(config, loop='while', impl='custom'):
+  """Returns (params, opt_state, step, rest_step, inputs) for one loop form.
+
+  `step(params, opt_state, rng) -> (params, opt_state, loss)` is jitted;
+  `rest_step` is the same step with the solve replaced by one cell
+  application (see the module docstring). Parameters do not depend on `loop`
+  or `impl` (same names, same initialisation).
+  """
+  init_rng = jax.random.split(jax.random.PRNGKey(config['seed']))[1]
+  inputs, targets = _data(config)
 
   def loss(inputs, targets, solve=True):
-    x = _stem(config, inputs)
-    deq = _deq(config)
+    x = _stem(config, inputs, impl)
+    deq = _deq(config, loop, impl)
     if solve:
       z, info = deq(x, jnp.zeros_like(x), jacobian_loss=True)
     else:  # "rest": one cell application instead of the solve (see docstring)
       z, info = deq(x, jax.lax.stop_gradient(x), unrolled=True,
                     jacobian_loss=True)
-    return _head_loss(config, z, targets) + 1.0 * info['jacobian_loss']
+    return _head_loss(config, z, targets, impl) + 1.0 * info['jacobian_loss']
 
   model = hk.transform(loss)
   params = model.init(init_rng, inputs, targets)
@@ -191,8 +227,7 @@ def build(config):
 
 
 def _median_time(fn, args, steps, warmup):
-  out = fn(*args)
-  jax.block_until_ready(out)
+  jax.block_until_ready(fn(*args))
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
@@ -203,49 +238,68 @@ def _median_time(fn, args, steps, warmup):
   return statistics.median(times)
 
 
-def _time_step(step, params, opt_state, steps, warmup):
-  rng = jax.random.PRNGKey(1)
-  out = step(params, opt_state, rng)
-  jax.block_until_ready(out)
-  for _ in range(warmup):
-    params, opt_state, _ = step(params, opt_state, rng)
-  jax.block_until_ready(params)
-  times = []
-  for _ in range(steps):
+class _StepTimer:
+  """Compiles a step once; `time(n)` appends n step times (params evolve)."""
+
+  def __init__(self, step, params, opt_state, warmup):
+    self.step, self.params, self.opt_state = step, params, opt_state
+    self.rng = jax.random.PRNGKey(1)
     start = time.perf_counter()
-    params, opt_state, value = step(params, opt_state, rng)
+    self._run()
+    self.first_call_s = time.perf_counter() - start  # compile + one step
+    for _ in range(warmup):
+      self._run()
+    self.times, self.loss = [], float('nan')
+
+  def _run(self):
+    self.params, self.opt_state, value = self.step(self.params, self.opt_state,
+                                                   self.rng)
     jax.block_until_ready(value)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), float(value)
+    return value
+
+  def time(self, steps):
+    for _ in range(steps):
+      start = time.perf_counter()
+      value = self._run()
+      self.times.append(time.perf_counter() - start)
+    self.loss = float(value)
+
+  @property
+  def median(self):
+    return statistics.median(self.times)
 
 
-def _cell_timers(config, params, inputs, steps):
+def _cell_timers(config, params, inputs, steps, impl):
   """t_f: one cell evaluation; t_vjp: one transposed linearised cell."""
-  cell = hk.without_apply_rng(hk.transform(_make_cell(config)))
-  stem = hk.without_apply_rng(hk.transform(lambda i: _stem(config, i)))
+  cell = hk.without_apply_rng(hk.transform(_make_cell(config, impl)))
+  stem = hk.without_apply_rng(hk.transform(lambda i: _stem(config, i, impl)))
   x = stem.apply(params, inputs)
-  prefix = 'deq/cell/'  # DEQ lifts the cell's params under <name>/cell/
-  cell_params = {k[len(prefix):]: v for k, v in params.items()
-                 if k.startswith(prefix)}
+  cell_params = jreg.deq.cell_params(params, 'deq')
   z = x
   f = jax.jit(cell.apply)
-  t_f = _median_time(f, (cell_params, z, x), steps, 2)
+  t_f = _median_time(f, (cell_params, z, x), steps, 1)
   _, vjp_fn = jax.vjp(lambda zz: cell.apply(cell_params, zz, x), z)
   apply_vjp = jax.jit(lambda vjp_fn, u: vjp_fn(u))
-  t_vjp = _median_time(apply_vjp, (vjp_fn, z), steps, 2)
+  t_vjp = _median_time(apply_vjp, (vjp_fn, z), steps, 1)
   return t_f, t_vjp
 
 
 def run_reference(config):
   """Runs torchdeq_reference.py in the torchdeq venv; returns its JSON dict."""
-  if not TORCH_PYTHON.exists():
-    raise FileNotFoundError(
-        f'{TORCH_PYTHON} is missing: set up .venv-torchdeq as '
-        '/work/shared/bench/README.md says, or pass --noreference.')
-  cmd = [str(TORCH_PYTHON), str(REFERENCE), '--model', config['model'],
+  python = pathlib.Path(config['torchdeq_python'])
+  script = pathlib.Path(config['reference_script'])
+  for path, what in ((python, '--torchdeq_python'),
+                     (script, '--reference_script')):
+    if not path.exists():
+      raise FileNotFoundError(
+          f'{path} ({what}) is missing: set up the torchdeq environment as '
+          "the reference's README.md says, point the flag at it, or pass "
+          '--noreference.')
+  cmd = [str(python), str(script), '--model', config['model'],
          '--batch', str(config['batch']), '--channels', str(config['channels']),
          '--inner', str(config['inner']), '--f_iters', str(config['f_iters']),
-         '--b_iters', str(config['b_iters']), '--steps', str(config['steps']),
+         '--b_iters', str(config['b_iters']),
+         '--steps', str(config['steps'] * config['rounds']),
          '--warmup', str(config['warmup']), '--threads', str(os.cpu_count())]
   out = subprocess.run(cmd, check=False, capture_output=True, text=True)
   if out.returncode != 0:
@@ -255,29 +309,59 @@ def run_reference(config):
 
 
 def run(config, workdir):
-  """Times jreg's step (and torchdeq's); writes bench.json under workdir.
+  """Times jreg's step in each loop form and layer implementation (and
+  torchdeq's); writes bench.json under workdir.
 
-  The reference runs once before and once after jreg's timing, and the ratio
-  uses the mean of its two medians, so that a drift in machine load between
-  the two frameworks shows up (both medians are reported).
+  Every (loop form, layers) variant is compiled first; then `rounds` rounds
+  each time `steps` steps of every variant in turn, so that a drift in the
+  machine's load affects all variants alike. The reference runs once before
+  and once after, and the ratio uses the mean of its two medians (both are
+  reported).
   """
+  if config['loop'] not in config['loop_forms']:
+    raise ValueError(f"the loop form {config['loop']!r} must be among the "
+                     f"timed forms {list(config['loop_forms'])}.")
+  for impl in config['layers']:
+    if impl not in layers.IMPLEMENTATIONS:
+      raise ValueError(f'unknown layers {impl!r}; use {layers.IMPLEMENTATIONS}.')
   references = [run_reference(config)] if config['reference'] else []
-  params, opt_state, step, rest_step, inputs = build(config)
-  step_s, loss = _time_step(step, params, opt_state, config['steps'],
-                            config['warmup'])
-  rest_s, _ = _time_step(rest_step, params, opt_state, config['steps'],
-                         config['warmup'])
-  t_f, t_vjp = _cell_timers(config, params, inputs, config['steps'])
+  variants = [(loop, impl) for impl in config['layers']
+              for loop in config['loop_forms']]
+  timers, rest, built = {}, {}, {}
+  for loop, impl in variants:
+    params, opt_state, step, rest_step, inputs = build(config, loop, impl)
+    built[(loop, impl)] = (params, inputs)
+    timers[(loop, impl)] = _StepTimer(step, params, opt_state, config['warmup'])
+    if impl not in rest:  # the rest step has no solver loop
+      rest[impl] = _StepTimer(rest_step, params, opt_state, config['warmup'])
+  for _ in range(config['rounds']):
+    for key in variants:
+      timers[key].time(config['steps'])
+    for impl in rest:
+      rest[impl].time(config['steps'])
+  forms = {}
   nfe_f, nfe_b = config['f_iters'], config['b_iters']
-  ideal = nfe_f * t_f + nfe_b * t_vjp + rest_s
+  for (loop, impl), timer in timers.items():
+    params, inputs = built[(loop, impl)]
+    t_f, t_vjp = _cell_timers(config, params, inputs, config['steps'], impl)
+    ideal = nfe_f * t_f + nfe_b * t_vjp + rest[impl].median
+    forms[f'{loop}/{impl}'] = {
+        'median_step_s': timer.median, 'step_times_s': timer.times,
+        'compile_and_first_step_s': timer.first_call_s,
+        't_f_s': t_f, 't_vjp_s': t_vjp, 't_rest_s': rest[impl].median,
+        'ideal_step_s': ideal, 'solver_overhead': timer.median / ideal,
+        'loss': timer.loss}
+  main = forms[f"{config['loop']}/{config['layers'][0]}"]
   result = {
       'framework': 'jax+jreg', 'jax': jax.__version__, 'model': config['model'],
       'batch': config['batch'], 'f_iters': config['f_iters'],
-      'b_iters': config['b_iters'], 'backward_loop': config['backward_loop'],
-      'forward_loop': config['forward_loop'],
-      'median_step_s': step_s, 't_f_s': t_f, 't_vjp_s': t_vjp,
-      't_rest_s': rest_s, 'ideal_step_s': ideal,
-      'solver_overhead': step_s / ideal, 'loss': loss,
+      'b_iters': config['b_iters'], 'loop': config['loop'],
+      'layers': config['layers'][0],
+      'median_step_s': main['median_step_s'],
+      't_f_s': main['t_f_s'], 't_vjp_s': main['t_vjp_s'],
+      't_rest_s': main['t_rest_s'], 'ideal_step_s': main['ideal_step_s'],
+      'solver_overhead': main['solver_overhead'], 'loss': main['loss'],
+      'loop_forms': forms,
       'devices': str(jax.devices()), 'cpu_count': os.cpu_count(),
   }
   if config['reference']:
@@ -285,7 +369,10 @@ def run(config, workdir):
     medians = [r['median_step_s'] for r in references]
     result['torchdeq'] = references[-1]
     result['torchdeq_median_step_s_before_after'] = medians
-    result['ratio_jreg_over_torchdeq'] = step_s / statistics.mean(medians)
+    reference_s = statistics.mean(medians)
+    result['ratio_jreg_over_torchdeq'] = main['median_step_s'] / reference_s
+    for form in forms.values():
+      form['ratio_over_torchdeq'] = form['median_step_s'] / reference_s
   if workdir:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(workdir) / 'bench.json').write_text(json.dumps(result, indent=1))
@@ -294,7 +381,8 @@ def run(config, workdir):
 
 def main(argv):
   del argv
-  for name in ('batch', 'f_iters', 'b_iters', 'steps', 'channels', 'inner'):
+  for name in ('batch', 'f_iters', 'b_iters', 'steps', 'rounds', 'channels',
+               'inner'):
     if getattr(FLAGS, name) < 1:
       raise app.UsageError(f'--{name} must be >= 1, got {getattr(FLAGS, name)}.')
   if FLAGS.warmup < 0:
@@ -302,15 +390,21 @@ def main(argv):
   if FLAGS.channels % 8 or FLAGS.inner % 8:
     raise app.UsageError('--channels and --inner must be multiples of 8 '
                          '(GroupNorm with 8 groups).')
+  bad_forms = sorted(set(FLAGS.loop_forms) - set(LOOP_FORMS))
+  if bad_forms or not FLAGS.loop_forms:
+    raise app.UsageError(f'--loop_forms must be among {list(LOOP_FORMS)}, got '
+                         f'{FLAGS.loop_forms}.')
   config = dict(default_config(), model=FLAGS.model, batch=FLAGS.batch,
                 channels=FLAGS.channels, inner=FLAGS.inner,
                 f_iters=FLAGS.f_iters, b_iters=FLAGS.b_iters, steps=FLAGS.steps,
-                warmup=FLAGS.warmup, backward_loop=FLAGS.backward_loop,
-                forward_loop=FLAGS.forward_loop,
-                reference=FLAGS.reference)
+                rounds=FLAGS.rounds, warmup=FLAGS.warmup, loop=FLAGS.loop,
+                loop_forms=tuple(FLAGS.loop_forms), layers=tuple(FLAGS.layers),
+                reference=FLAGS.reference,
+                torchdeq_python=FLAGS.torchdeq_python,
+                reference_script=FLAGS.reference_script)
   try:
     result = run(config, cli.WORKDIR.value or '')
-  except FileNotFoundError as error:
+  except (FileNotFoundError, ValueError) as error:
     raise app.UsageError(str(error)) from None
   print(json.dumps(result))
 

@@ -27,9 +27,23 @@ Cases (extensible: `CASES` maps a name to a function returning a `Case`):
                 (`small_config()`, its `build` contract) likewise, and its
                 explicit Transformer-XL stack (`explicit_config`).
 The solvers run their whole budget (tolerance 0) so that every step does the
-same work. Ratios (`summary`) are taken within this run.
+same work, in `lax.while_loop` as in training. Ratios (`summary`) are taken
+within this run.
 
-    python -m experiments.bench_deq_models --steps=5 > bench.json
+Layers (`--layers`, default `custom,xla`): every case is compiled and timed
+with `jreg.layers` in each listed implementation ('custom': convolutions with
+their own VJP and one-pass GroupNorm; 'xla': autodiff of
+`lax.conv_general_dilated` and two-pass GroupNorm, the code path before
+`jreg.layers`); results are keyed `case/impl`, the cases of one name are timed
+interleaved (`--rounds`), and `speedup_custom_over_xla` gives, per case, the
+ratio of the xla step time to the custom one. `compile_s` is the time of
+`jit(...).lower(...).compile()` of the whole training step.
+
+Memory against forward NFE (`--memory_nfe=10,40`): for the first case listed
+(usually `mdeq_jr`), the compiled step's planned memory at each forward
+budget (flat if the implicit layer stores no iterates).
+
+    python -m experiments.bench_deq_models --cases=mdeq_jr,deqtx_jr --steps=3
 """
 from __future__ import annotations
 
@@ -47,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jreg import layers
 from jreg import train
 from jreg.models import mdeq
 
@@ -113,6 +128,17 @@ CASES: dict[str, tuple[Callable[[], Case], str, str]] = {
 }
 
 
+# Cases whose forward budget can be set, for `memory_against_nfe`.
+MEMORY_CASES: dict[str, Callable[[int], Case]] = {
+    'mdeq_jr': lambda nfe: _mdeq_case(True, overrides={'forward_nfe': nfe}),
+    'mdeq': lambda nfe: _mdeq_case(False, overrides={'forward_nfe': nfe}),
+    'deqtx_jr': lambda nfe: _deqtx_case(True,
+                                        overrides={'deq_forward_nfe': nfe}),
+    'deqtx': lambda nfe: _deqtx_case(False,
+                                     overrides={'deq_forward_nfe': nfe}),
+}
+
+
 def _memory(compiled, device) -> dict[str, Any]:
   analysis = compiled.memory_analysis()
   out = {'memory_bytes': int(analysis.temp_size_in_bytes +
@@ -126,47 +152,104 @@ def _memory(compiled, device) -> dict[str, Any]:
   return out
 
 
-def measure(case: Case, steps: int, warmup: int) -> dict[str, Any]:
+class _Compiled:
+  """One case's training step, compiled (under a `jreg.layers` implementation)."""
+
+  def __init__(self, case: Case, warmup: int, impl: str = 'custom'):
+    optimizer = optax.adam(1e-3)
+    self.case = case
+    with layers.implementation(impl):
+      self.state = train.init_state(jax.jit(case.init_fn), optimizer, seed=0)
+      update = jax.jit(train.make_update(case.grad_fn, optimizer),
+                       donate_argnums=0)
+      self.batch = jax.device_put(case.batch)
+      start = time.perf_counter()
+      self.compiled = update.lower(self.state, self.batch).compile()
+      self.compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+      self.state, self.metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready(self.state)
+    self.times = []
+
+  def time(self, steps: int):
+    for _ in range(steps):
+      start = time.perf_counter()
+      self.state, self.metrics = self.compiled(self.state, self.batch)
+      jax.block_until_ready((self.state, self.metrics))
+      self.times.append(time.perf_counter() - start)
+
+  def result(self) -> dict[str, Any]:
+    metrics = jax.device_get(self.metrics)
+    out = dict(self.case.info, step_time_s=statistics.median(self.times),
+               step_times_s=self.times, compile_s=self.compile_s,
+               num_params=mdeq.count_params(self.state.params),
+               **_memory(self.compiled, jax.devices()[0]))
+    for key in ('forward_nfe', 'backward_nfe', 'jacobian_applied', 'loss'):
+      if key in metrics:
+        out[key] = float(metrics[key])
+    return out
+
+
+def measure(case: Case, steps: int, warmup: int,
+            impl: str = 'custom') -> dict[str, Any]:
   """Compiles one training step and times `steps` of them."""
-  optimizer = optax.adam(1e-3)
-  state = train.init_state(jax.jit(case.init_fn), optimizer, seed=0)
-  update = jax.jit(train.make_update(case.grad_fn, optimizer), donate_argnums=0)
-  batch = jax.device_put(case.batch)
-  start = time.perf_counter()
-  compiled = update.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-  metrics = jax.device_get(metrics)
-  out = dict(case.info, step_time_s=statistics.median(times),
-             step_times_s=times, compile_s=compile_s,
-             num_params=mdeq.count_params(state.params),
-             **_memory(compiled, jax.devices()[0]))
-  for key in ('forward_nfe', 'backward_nfe', 'jacobian_applied', 'loss'):
-    if key in metrics:
-      out[key] = float(metrics[key])
+  compiled = _Compiled(case, warmup, impl)
+  compiled.time(steps)
+  return compiled.result()
+
+
+def memory_against_nfe(name: str, budgets, impl: str = 'custom') -> dict:
+  """Planned memory of case `name`'s compiled step at each forward budget."""
+  out = {}
+  for nfe in budgets:
+    builder = MEMORY_CASES[name]
+    with layers.implementation(impl):
+      case = builder(nfe)
+      optimizer = optax.adam(1e-3)
+      state = train.init_state(jax.jit(case.init_fn), optimizer, seed=0)
+      update = jax.jit(train.make_update(case.grad_fn, optimizer),
+                       donate_argnums=0)
+      compiled = update.lower(state, jax.device_put(case.batch)).compile()
+    out[str(nfe)] = _memory(compiled, jax.devices()[0])
   return out
 
 
-def run(case_names, steps: int = 3, warmup: int = 1) -> dict[str, Any]:
-  """Measures every named case; returns {'cases', 'summary', 'device'}."""
+def run(case_names, steps: int = 3, warmup: int = 1,
+        impls=('custom',), rounds: int = 1,
+        memory_nfe=()) -> dict[str, Any]:
+  """Measures every named case; returns {'cases', 'summary', 'device'}.
+
+  With several `impls`, each case is compiled once per implementation and
+  the implementations are timed interleaved over `rounds` rounds of `steps`
+  steps; results are keyed `name` for the first implementation and
+  `name/impl` for the others.
+  """
   unknown = sorted(set(case_names) - set(CASES))
   if unknown:
     raise ValueError(f'unknown cases {unknown}; known: {sorted(CASES)}.')
-  results, roles = {}, {}
+  for impl in impls:
+    if impl not in layers.IMPLEMENTATIONS:
+      raise ValueError(f'unknown layers {impl!r}; use {layers.IMPLEMENTATIONS}.')
+  results, roles, speedups = {}, {}, {}
   for name in case_names:
     builder, group, role = CASES[name]
     logging.info('bench_deq_models: %s', name)
-    results[name] = measure(builder(), steps, warmup)
+    compiled = {impl: _Compiled(builder(), warmup, impl) for impl in impls}
+    for _ in range(rounds):
+      for impl in impls:
+        compiled[impl].time(steps)
+    for index, impl in enumerate(impls):
+      results[name if index == 0 else f'{name}/{impl}'] = (
+          dict(compiled[impl].result(), layers=impl))
+    if 'custom' in impls and 'xla' in impls:
+      speedups[name] = (results[name if impls[0] == 'xla' else f'{name}/xla']
+                        ['step_time_s'] /
+                        results[name if impls[0] == 'custom'
+                                else f'{name}/custom']['step_time_s'])
     roles.setdefault(group, {})[role] = name
   summary = {}
+  if speedups:
+    summary['speedup_custom_over_xla'] = speedups
   for group, members in roles.items():
     ratios = {}
     base = results.get(members.get('deq'))
@@ -183,24 +266,46 @@ def run(case_names, steps: int = 3, warmup: int = 1) -> dict[str, Any]:
             deq_case['memory_bytes'] / explicit['memory_bytes'])
     summary[group] = ratios
   device = jax.devices()[0]
-  return dict(cases=results, summary=summary,
-              device=f'{device.platform}: {device.device_kind}',
-              steps=steps, warmup=warmup)
+  out = dict(cases=results, summary=summary,
+             device=f'{device.platform}: {device.device_kind}',
+             steps=steps, warmup=warmup, rounds=rounds, layers=list(impls))
+  if memory_nfe:
+    name = case_names[0]
+    if name not in MEMORY_CASES:
+      raise ValueError(f'memory against NFE needs one of {sorted(MEMORY_CASES)} '
+                       f'first in --cases, got {name!r}.')
+    out['memory_against_forward_nfe'] = {
+        name: memory_against_nfe(name, memory_nfe, impls[0])}
+  return out
 
 
 def define_flags():
   flags.DEFINE_list('cases', list(CASES), f'Cases, of {list(CASES)}.')
   flags.DEFINE_integer('steps', 3, 'Timed steps per case.')
   flags.DEFINE_integer('warmup', 1, 'Untimed steps after compiling.')
+  flags.DEFINE_integer('rounds', 2, 'Interleaved rounds over --layers.')
+  flags.DEFINE_list('layers', ['custom', 'xla'],
+                    'jreg.layers implementations (custom, xla); the first '
+                    'one keys the plain case names.')
+  flags.DEFINE_list('memory_nfe', [], 'Forward budgets for the memory '
+                    'comparison of the first case (e.g. 10,40).')
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
-  if f.steps < 1 or f.warmup < 0:
-    raise app.UsageError('--steps must be >= 1 and --warmup >= 0.')
+  if f.steps < 1 or f.warmup < 0 or f.rounds < 1:
+    raise app.UsageError('--steps and --rounds must be >= 1 and --warmup >= 0.')
   try:
-    results = run(f.cases, f.steps, f.warmup)
+    memory_nfe = [int(n) for n in f.memory_nfe]
+  except ValueError:
+    raise app.UsageError(f'--memory_nfe must be integers, got {f.memory_nfe}.'
+                         ) from None
+  if any(n < 1 for n in memory_nfe):
+    raise app.UsageError(f'--memory_nfe must be >= 1, got {memory_nfe}.')
+  try:
+    results = run(f.cases, f.steps, f.warmup, tuple(f.layers), f.rounds,
+                  memory_nfe)
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   json.dump(results, sys.stdout, indent=1)

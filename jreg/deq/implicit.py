@@ -28,7 +28,7 @@ that does not influence the output; the backward pass returns as its
 
 so `jax.grad` with respect to the probe yields the backward solver's
 statistics (zero if the backward pass did not run). `jreg.deq.value_and_grad`
-does this for Haiku models, where `DEQ` keeps the probe in the model state.
+does this for Haiku models: it hands each `DEQ` a probe at trace time.
 """
 import functools
 from typing import Any, Callable, NamedTuple, Optional

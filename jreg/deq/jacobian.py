@@ -72,11 +72,12 @@ def jacobian_frobenius_exact(f: Callable[[jax.Array], jax.Array],
   """Exact ||J_f(z*)||_F^2 / (B d) for a [B, d] state, via the full Jacobian.
 
   The full [B, d, B, d] Jacobian (cross-example terms included, zero for
-  models without batch mixing) is built with `jax.jacfwd`: small sizes only
+  models without batch mixing) is built with `jax.jacrev` (reverse mode, so
+  cells with custom VJPs such as `jreg.layers.conv2d` work): small sizes only
   (tests, monitoring of toy models).
   """
   batch, dim = z_star.shape
-  jac = jax.jacfwd(f)(z_star)  # [B, d, B, d]
+  jac = jax.jacrev(f)(z_star)  # [B, d, B, d]
   return jnp.sum(jnp.square(jac)) / (batch * dim)
 
 
@@ -84,7 +85,9 @@ def spectral_radius(f: Callable[[PyTree], PyTree], z_star: PyTree,
                     rng: jax.Array, num_iters: int = 100) -> jax.Array:
   """Per-example power-iteration estimate of rho(J_f(z*)): [B].
 
-  Iterates v_{k+1} = J v_k / ||J v_k|| with JVPs (J linearised once at z*) and
+  Iterates v_{k+1} = J^T v_k / ||J^T v_k|| with VJPs (f linearised once at
+  z*; J^T has the eigenvalues of J, and reverse mode works through cells
+  with custom VJPs such as `jreg.layers.conv2d`, which have no JVP) and
   returns exp(mean_{k >= N/2} log ||J v_k||), the geometric-mean growth rate
   over the second half. This converges to |lambda_max| also when the dominant
   eigenvalues are a complex-conjugate pair (where the single-step ratio
@@ -103,15 +106,15 @@ def spectral_radius(f: Callable[[PyTree], PyTree], z_star: PyTree,
     raise ValueError(f'num_iters must be >= 2, got {num_iters}.')
   z_star = lax.stop_gradient(z_star)
   flat, unflatten = solvers.flatten_batch(z_star)
-  _, jvp_fn = jax.linearize(lambda z: solvers.flatten_batch(f(unflatten(z)))[0],
-                            flat)
+  _, vjp_fn = jax.vjp(lambda z: solvers.flatten_batch(f(unflatten(z)))[0],
+                      flat)
   v0 = jax.random.normal(rng, flat.shape, flat.dtype)
   v0 = v0 / jnp.linalg.norm(v0, axis=-1, keepdims=True)
   start = num_iters // 2
 
   def body(k, carry):
     v, log_sum = carry
-    jv = jvp_fn(v)
+    (jv,) = vjp_fn(v)  # J^T v
     norm = jnp.linalg.norm(jv.astype(jnp.float32), axis=-1)  # [B]
     log_sum = log_sum + jnp.where(k >= start, jnp.log(norm + 1e-30), 0.0)
     v = jv / (norm[:, None] + 1e-30).astype(jv.dtype)

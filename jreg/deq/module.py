@@ -12,7 +12,16 @@ Requirements on the cell: it is deterministic and stateless (no
 masks must be drawn outside and passed in `x`, so that the map is the same at
 every solver iteration (as in locuslab/deq, where variational dropout masks
 are reset once per forward).
+
+Backward statistics need no Haiku state: `jreg.deq.value_and_grad` hands
+every `DEQ` called inside its loss a stats probe (see `jreg.deq.implicit`)
+through a trace-time context and reads the probes' gradients. So `DEQ`
+works under `hk.transform` and `hk.transform_with_state` alike; under plain
+`jax.grad` / `jreg.train.value_and_grad` the parameter gradients are the same
+and no backward statistics are reported.
 """
+import contextlib
+import contextvars
 from typing import Any, Callable, Optional
 
 import haiku as hk
@@ -25,7 +34,44 @@ from jreg.deq import jacobian
 from jreg.deq import solvers
 
 PyTree = Any
-PROBE_NAME = 'backward_stats_probe'
+# Distinct DEQ modules one loss can report backward statistics for.
+MAX_REPORTED_MODULES = 16
+
+
+class _ProbeSlots:
+  """The stats probes of one `value_and_grad` trace, handed out by module name.
+
+  `probes` is a traced float32 [MAX_REPORTED_MODULES, 4] input of the
+  differentiated function; the k-th distinct module name gets row k, so the
+  row's gradient is that module's backward statistics (summed over its calls).
+  """
+
+  def __init__(self, probes: jax.Array):
+    self.probes = probes
+    self.names: list[str] = []
+
+  def probe(self, module_name: str) -> jax.Array:
+    if module_name not in self.names:
+      if len(self.names) == MAX_REPORTED_MODULES:
+        raise ValueError(
+            f'jreg.deq.value_and_grad reports backward statistics for at most '
+            f'{MAX_REPORTED_MODULES} DEQ modules; pass '
+            'report_backward_stats=False to the others.')
+      self.names.append(module_name)
+    return self.probes[self.names.index(module_name)]
+
+
+_PROBE_SLOTS: contextvars.ContextVar[Optional[_ProbeSlots]] = (
+    contextvars.ContextVar('jreg_deq_probe_slots', default=None))
+
+
+@contextlib.contextmanager
+def _collect_probes(slots: _ProbeSlots):
+  token = _PROBE_SLOTS.set(slots)
+  try:
+    yield slots
+  finally:
+    _PROBE_SLOTS.reset(token)
 
 
 class DEQ(hk.Module):
@@ -65,10 +111,14 @@ class DEQ(hk.Module):
         `unrolled=True` (pre-training phase, ordinary backprop).
       jacobian_vectors: M, Hutchinson vectors for the Jacobian term.
       spectral_radius_iters: power iterations for `spectral_radius=True`.
-      report_backward_stats: keep a float32 [4] stats probe in the Haiku state
-        (needs `hk.transform_with_state`) whose gradient carries the backward
-        solver's NFE and residuals (see `jreg.deq.value_and_grad`). Only used
-        with backward mode 'implicit'.
+      report_backward_stats: when the loss is differentiated by
+        `jreg.deq.value_and_grad`, report the backward solver's NFE and
+        residuals (and, for unrolled calls, the VJP count) as metrics, through
+        a stats probe that value_and_grad passes in at trace time (no Haiku
+        state: works under `hk.transform` and `hk.transform_with_state`).
+        Under any other gradient (`jax.grad`, `jreg.train.value_and_grad`)
+        there is no probe and the gradients are the same. Only used with
+        backward mode 'implicit'.
       name: module name.
     """
     super().__init__(name=name)
@@ -107,9 +157,9 @@ class DEQ(hk.Module):
         init_rng, z0, x)
     cell = self._cell.apply  # (params, z, x) -> z
     probe = None
-    if self.report_backward_stats:
-      probe = hk.get_state(PROBE_NAME, [implicit.STATS_PROBE_SIZE],
-                           jnp.float32, init=jnp.zeros)
+    slots = _PROBE_SLOTS.get()
+    if self.report_backward_stats and slots is not None:
+      probe = slots.probe(self.module_name)
 
     info = {}
     if unrolled:
@@ -184,17 +234,14 @@ def step_count(increment: bool) -> jax.Array:
   return count
 
 
-def _split_probes(model_state):
-  is_probe = lambda module, name, value: name == PROBE_NAME
-  return hk.data_structures.partition(is_probe, model_state)
-
-
 def value_and_grad(loss_fn: Callable) -> Callable:
   """A `grad_fn` (jreg.train contract) that also reports DEQ backward stats.
 
   Differentiates `loss_fn(params, model_state, rng, batch) -> (loss,
   (model_state, metrics))` with respect to params and, additionally, to the
-  `DEQ` stats probes in the model state; a probe's gradient is its layer's
+  stats probes it hands to the `DEQ` modules the loss calls (a trace-time
+  context, so models under `hk.transform` work too: pass `model_state={}`
+  and ignore it in `loss_fn`); a probe's gradient is its layer's
   backward [nfe, abs residual, rel residual, converged fraction] (see
   `jreg.deq.implicit`), added to metrics as `backward_nfe`,
   `backward_abs_residual`, `backward_rel_residual`,
@@ -208,20 +255,21 @@ def value_and_grad(loss_fn: Callable) -> Callable:
 
   def grad_fn(params, model_state, rng, batch, axis_name=None):
     del axis_name  # the engine averages gradients and metrics
-    probes, rest = _split_probes(model_state)
+    slots = _ProbeSlots(None)
 
     def wrapped(params, probes):
-      state = hk.data_structures.merge(rest, probes)
-      return loss_fn(params, state, rng, batch)
+      slots.probes, slots.names = probes, []
+      with _collect_probes(slots):
+        return loss_fn(params, model_state, rng, batch)
 
+    probes = jnp.zeros((MAX_REPORTED_MODULES, implicit.STATS_PROBE_SIZE),
+                       jnp.float32)
     (loss, (new_state, metrics)), (grads, probe_grads) = jax.value_and_grad(
         wrapped, argnums=(0, 1), has_aux=True)(params, probes)
     metrics = dict(metrics)
-    modules = sorted(probe_grads)
-    for module in modules:
-      prefix = 'backward_' if len(modules) == 1 else f'{module}/backward_'
-      metrics.update(implicit.probe_to_metrics(probe_grads[module][PROBE_NAME],
-                                               prefix))
+    for index, module in enumerate(slots.names):
+      prefix = 'backward_' if len(slots.names) == 1 else f'{module}/backward_'
+      metrics.update(implicit.probe_to_metrics(probe_grads[index], prefix))
     return (loss, (new_state, metrics)), grads
 
   return grad_fn

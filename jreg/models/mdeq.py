@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from jreg import deq as deq_lib
+from jreg import layers
 
 # The cell's convolutions are initialised N(0, 0.01) as in the reference
 # (MDEQClsNet.init_weights). The stem and head use fan-in scaling instead: with
@@ -181,9 +182,7 @@ class WeightNormConv2D(hk.Module):
     g = hk.get_parameter('g', [self.output_channels], inputs.dtype,
                          init=lambda shape, dtype: v_norm.astype(dtype))
     w = v * (g / v_norm)  # [k, k, C_in, C_out]
-    out = jax.lax.conv_general_dilated(
-        inputs, w, window_strides=(self.stride, self.stride),
-        padding=_padding(k), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    out = layers.conv2d(inputs, w, (self.stride, self.stride), _padding(k))
     if self.with_bias:
       out = out + hk.get_parameter('b', [self.output_channels], inputs.dtype,
                                    init=jnp.zeros)
@@ -194,18 +193,20 @@ def _conv(output_channels: int, kernel_size: int, stride: int = 1, *,
           weight_norm: bool = False, with_bias: bool = False,
           cell: bool = False, name: str | None = None):
   """A conv with PyTorch padding; weight-normalised if `weight_norm`; the
-  reference's N(0, 0.01) initialisation if `cell`."""
+  reference's N(0, 0.01) initialisation if `cell`. Both run on
+  `jreg.layers.conv2d` (own VJP; `jreg.layers.implementation('xla')` selects
+  plain autodiff)."""
   if weight_norm:
     return WeightNormConv2D(output_channels, kernel_size, stride,
                             with_bias=with_bias, name=name)
-  return hk.Conv2D(output_channels, kernel_size, stride=stride,
+  return layers.Conv2D(output_channels, kernel_size, stride=stride,
                    padding=_padding(kernel_size), with_bias=with_bias,
                    w_init=_CELL_INIT if cell else _CONV_INIT, name=name)
 
 
 def _group_norm(groups: int, affine: bool, name: str | None = None):
-  return hk.GroupNorm(groups, create_scale=affine, create_offset=affine,
-                      name=name)
+  return layers.GroupNorm(groups, create_scale=affine, create_offset=affine,
+                          name=name)
 
 
 def _upsample_nearest(x: jax.Array, factor: int) -> jax.Array:

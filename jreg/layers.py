@@ -1,0 +1,297 @@
+"""Convolution and GroupNorm written for fast gradients inside solver loops.
+
+A DEQ runs its cell, and the cell's vector-Jacobian products, inside
+`lax.while_loop` (early-stopping solvers, forward and backward) and under
+`lax.cond` (the gated Jacobian term). XLA:CPU runs a convolution fast only in
+its canonical form (NHWC input, HWIO kernel, no dilation, no kernel
+reversal); the gradients autodiff emits for `lax.conv_general_dilated` are
+other forms (reversed kernel and swapped feature dimensions for the input
+gradient; the batch as the contracted feature dimension for the weight
+gradient), which XLA:CPU normalises to the fast form only outside control
+flow. Inside loops and conditionals they fall back to a naive loop nest,
+measured at 20x (input gradient) and over 100x (weight gradient) slower.
+
+`conv2d` therefore carries its own VJP. With out = x * w (cross-correlation,
+stride s, padding (lo, hi), kernel size K; one spatial axis shown):
+
+  out[m]  = sum_k xpad[s m + k] w[k]
+  dx[i]   = sum_k gd[i + lo - k] w[k]     = (gd_p * flip(w)^T)[i]
+  dw[k]   = sum_{b, m} xpad[s m + k] g[m] = (xpad^T * gd^T)[k]
+
+where gd is the cotangent g dilated by s (s - 1 zeros between entries) and
+gd_p is gd padded by K - 1 - lo on the left; flip(w)^T reverses the kernel's
+spatial axes and swaps its input and output channels; in the weight gradient
+the batch plays the role of the input channels (xpad^T: [C_in, H, W, B],
+gd^T: [H', W', B, C_out]). All three are canonical forward convolutions
+(the input gradient is exactly what cuDNN's backward-data algorithm
+computes), and the backward pass calls `conv2d` itself, so it is
+differentiable again in reverse mode (the Jacobian term differentiates a
+VJP of the cell) with every derivative canonical.
+
+Backends: the rewritten backward is used on CPU only. On GPU and TPU the
+backward is `jax.vjp` of `lax.conv_general_dilated`, i.e. exactly the ops
+autodiff emits without this module, which those compilers map to their own
+backward-data and backward-filter kernels; so accelerator users inherit
+nothing measured only on CPU. `jax.custom_vjp` has no forward-mode rule:
+`jax.jvp` / `jax.linearize` / `jax.jacfwd` through the custom convolution
+fail; jreg's DEQ tools use reverse mode only (`jreg.deq.spectral_radius`
+iterates VJPs). Select `impl='xla'` (or the context `implementation('xla')`)
+for plain autodiff, e.g. for Hessian-vector products by forward-over-reverse.
+
+`group_norm` computes the statistics in one pass in the activations' layout:
+per-channel sums of x and x^2 over the spatial axes (a reduction over the
+second axis of [B, H*W, C], contiguous in C), then sums over each group's
+channels on the small [B, C] arrays:
+
+  mu_g = E[x],  var_g = max(E[x^2] - mu_g^2, 0),
+  y = (x - mu_g) / sqrt(var_g + eps) * scale + offset
+
+(Wu & He, "Group Normalization", ECCV 2018). This is the same function as
+`hk.GroupNorm` (which reduces over [B, H, W, G, C/G] in two passes, 10x slower
+on XLA:CPU); it is differentiated by autodiff (forward and reverse mode).
+The one-pass variance loses precision when |mean| >> std (float32 keeps
+about 7 digits of E[x^2]); normalised DEQ activations are far from that.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from typing import Optional, Sequence, Union
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLEMENTATIONS = ('custom', 'xla')
+_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+_IMPLEMENTATION = contextvars.ContextVar('jreg_layers_implementation',
+                                         default='custom')
+
+Padding = Union[str, Sequence[tuple[int, int]]]
+
+
+@contextlib.contextmanager
+def implementation(name: str):
+  """Within the context (at trace time), layers default to `name`.
+
+  'custom' (the default): `conv2d` with its own VJP and the one-pass
+  `group_norm`; 'xla': `lax.conv_general_dilated` differentiated by autodiff
+  and GroupNorm in `hk.GroupNorm`'s two-pass form (the code path before this
+  module existed, kept for comparisons and forward-mode autodiff).
+  """
+  _check_implementation(name)
+  token = _IMPLEMENTATION.set(name)
+  try:
+    yield
+  finally:
+    _IMPLEMENTATION.reset(token)
+
+
+def current_implementation() -> str:
+  """The implementation layers use when called with `impl=None`."""
+  return _IMPLEMENTATION.get()
+
+
+def _check_implementation(name):
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f'unknown layer implementation {name!r}; use one of '
+                     f'{IMPLEMENTATIONS}.')
+
+
+def _resolve(impl: Optional[str]) -> str:
+  impl = _IMPLEMENTATION.get() if impl is None else impl
+  _check_implementation(impl)
+  return impl
+
+
+def _explicit_padding(padding: Padding, kernel: tuple[int, int],
+                      strides: tuple[int, int],
+                      spatial: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(spatial, kernel, strides, padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _xla_conv(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding,
+                                  dimension_numbers=_DIMENSION_NUMBERS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, w, strides, padding):
+  return _xla_conv(x, w, strides, padding)
+
+
+def _conv_fwd(x, w, strides, padding):
+  return _xla_conv(x, w, strides, padding), (x, w)
+
+
+def _conv_bwd(strides, padding, residuals, g):
+  x, w = residuals
+  if jax.default_backend() != 'cpu':
+    _, vjp = jax.vjp(lambda x, w: _xla_conv(x, w, strides, padding), x, w)
+    return vjp(g)
+  (kh, kw), (sh, sw) = w.shape[:2], strides
+  (lo_h, hi_h), (lo_w, hi_w) = padding
+  _, h_in, w_in, _ = x.shape
+  _, h_out, w_out, _ = g.shape
+  # Input gradient: g dilated by the stride, padded so that a VALID
+  # correlation with the flipped, channel-swapped kernel gives [B, H, W, C_in].
+  right_h = h_in + lo_h - sh * (h_out - 1) - 1
+  right_w = w_in + lo_w - sw * (w_out - 1) - 1
+  g_padded = lax.pad(g, jnp.zeros((), g.dtype),
+                     ((0, 0, 0), (kh - 1 - lo_h, right_h, sh - 1),
+                      (kw - 1 - lo_w, right_w, sw - 1), (0, 0, 0)))
+  w_flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)  # [kh, kw, C_out, C_in]
+  dx = _conv(g_padded, w_flipped, (1, 1), ((0, 0), (0, 0)))
+  # Weight gradient: batch as the contracted feature axis.
+  g_dilated = lax.pad(g, jnp.zeros((), g.dtype),
+                      ((0, 0, 0), (0, 0, sh - 1), (0, 0, sw - 1), (0, 0, 0)))
+  x_padded = lax.pad(x, jnp.zeros((), x.dtype),
+                     ((0, 0, 0), (lo_h, kh + sh * (h_out - 1) - h_in - lo_h, 0),
+                      (lo_w, kw + sw * (w_out - 1) - w_in - lo_w, 0),
+                      (0, 0, 0)))
+  dw = _conv(x_padded.transpose(3, 1, 2, 0),   # [C_in, H_p, W_p, B]
+             g_dilated.transpose(1, 2, 0, 3),  # [H_d, W_d, B, C_out]
+             (1, 1), ((0, 0), (0, 0)))          # [C_in, kh, kw, C_out]
+  return dx, dw.transpose(1, 2, 0, 3)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
+           padding: Padding = 'SAME', impl: Optional[str] = None) -> jax.Array:
+  """2-D cross-correlation, NHWC input and HWIO kernel.
+
+  Args:
+    x: [B, H, W, C_in].
+    w: [kh, kw, C_in, C_out].
+    strides: (s_h, s_w).
+    padding: 'SAME', 'VALID' or ((lo_h, hi_h), (lo_w, hi_w)).
+    impl: 'custom' (own VJP, see module docstring), 'xla' (autodiff of
+      `lax.conv_general_dilated`), or None for `current_implementation()`.
+
+  Returns:
+    [B, H', W', C_out], the same values as `lax.conv_general_dilated`.
+  """
+  strides = tuple(int(s) for s in strides)
+  padding = _explicit_padding(padding, w.shape[:2], strides, x.shape[1:3])
+  if _resolve(impl) == 'xla':
+    return _xla_conv(x, w, strides, padding)
+  return _conv(x, w, strides, padding)
+
+
+def group_norm(x: jax.Array, groups: int, scale: Optional[jax.Array] = None,
+               offset: Optional[jax.Array] = None, eps: float = 1e-5,
+               impl: Optional[str] = None) -> jax.Array:
+  """GroupNorm over a channels-last [B, ..., C] array (formula: module docstring).
+
+  Args:
+    x: [B, ..., C], C divisible by `groups`.
+    groups: G.
+    scale, offset: optional [C] affine parameters.
+    eps: added to the variance.
+    impl: 'custom' (one-pass statistics), 'xla' (two-pass over
+      [B, ..., G, C/G], as `hk.GroupNorm`), or None for the current default.
+
+  Returns:
+    The normalised array, x's shape.
+  """
+  channels = x.shape[-1]
+  if channels % groups:
+    raise ValueError(f'{channels} channels are not divisible by {groups} groups.')
+  batch, per_group = x.shape[0], channels // groups
+  flat = x.reshape(batch, -1, channels)  # [B, N, C]
+  count = flat.shape[1] * per_group
+  if _resolve(impl) == 'xla':
+    grouped = flat.reshape(batch, -1, groups, per_group)  # [B, N, G, C/G]
+    mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
+    var = jnp.var(grouped, axis=(1, 3), keepdims=True)
+    normed = ((grouped - mean) * lax.rsqrt(var + eps)).reshape(flat.shape)
+    if scale is not None:
+      normed = normed * scale
+    if offset is not None:
+      normed = normed + offset
+    return normed.reshape(x.shape)
+  sums = jnp.sum(flat, axis=1)                    # [B, C]
+  square_sums = jnp.sum(jnp.square(flat), axis=1)  # [B, C]
+  mean = jnp.sum(sums.reshape(batch, groups, per_group), -1) / count  # [B, G]
+  mean_square = jnp.sum(square_sums.reshape(batch, groups, per_group),
+                        -1) / count
+  inv_std = lax.rsqrt(jnp.maximum(mean_square - jnp.square(mean), 0.0) + eps)
+  gain = jnp.repeat(inv_std, per_group, axis=1)  # [B, C]
+  if scale is not None:
+    gain = gain * scale
+  bias = -jnp.repeat(mean, per_group, axis=1) * gain
+  if offset is not None:
+    bias = bias + offset
+  return (flat * gain[:, None, :] + bias[:, None, :]).reshape(x.shape)
+
+
+class Conv2D(hk.Module):
+  """`hk.Conv2D`'s parameters ('w' [k, k, C_in, C_out], 'b' [C_out]) on `conv2d`.
+
+  Channels-last only, no dilation or feature groups; the same parameter
+  names, shapes and default initialisers as `hk.Conv2D`, so checkpoints and
+  parameter trees are unchanged.
+  """
+
+  def __init__(self, output_channels: int, kernel_shape: int, stride: int = 1,
+               padding: Padding = 'SAME', with_bias: bool = True,
+               w_init: Optional[hk.initializers.Initializer] = None,
+               b_init: Optional[hk.initializers.Initializer] = None,
+               impl: Optional[str] = None, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.output_channels = output_channels
+    self.kernel_shape = kernel_shape
+    self.stride = stride
+    self.padding = padding
+    self.with_bias = with_bias
+    self.w_init = w_init
+    self.b_init = b_init or jnp.zeros
+    self.impl = impl
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """inputs: [B, H, W, C_in] -> [B, H', W', C_out]."""
+    k, c_in = self.kernel_shape, inputs.shape[-1]
+    w_init = self.w_init
+    if w_init is None:  # hk.Conv2D's default: truncated normal, std 1/sqrt(fan_in)
+      w_init = hk.initializers.TruncatedNormal(1.0 / (k * k * c_in) ** 0.5)
+    w = hk.get_parameter('w', [k, k, c_in, self.output_channels],
+                         inputs.dtype, init=w_init)
+    out = conv2d(inputs, w, (self.stride, self.stride), self.padding,
+                 impl=self.impl)
+    if self.with_bias:
+      out = out + hk.get_parameter('b', [self.output_channels], inputs.dtype,
+                                   init=self.b_init)
+    return out
+
+
+class GroupNorm(hk.Module):
+  """`hk.GroupNorm`'s parameters ('scale', 'offset', [C]) on `group_norm`.
+
+  Channels-last; normalises over all non-batch axes within each group.
+  """
+
+  def __init__(self, groups: int, create_scale: bool = True,
+               create_offset: bool = True, eps: float = 1e-5,
+               impl: Optional[str] = None, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.groups = groups
+    self.create_scale = create_scale
+    self.create_offset = create_offset
+    self.eps = eps
+    self.impl = impl
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, ..., C] -> same shape."""
+    channels = x.shape[-1]
+    scale = offset = None
+    if self.create_scale:
+      scale = hk.get_parameter('scale', [channels], x.dtype, init=jnp.ones)
+    if self.create_offset:
+      offset = hk.get_parameter('offset', [channels], x.dtype, init=jnp.zeros)
+    return group_norm(x, self.groups, scale, offset, self.eps, impl=self.impl)
