@@ -78,6 +78,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from jreg.models import count_params
+
 PyTree = Any
 Method = Literal['double_backprop', 'hvp', 'finite_difference']
 DataParallel = Literal['global', 'per_device']
@@ -101,11 +103,6 @@ DEFAULT_FD_EPSILON = 1e-2
 # ---------------------------------------------------------------------------
 
 
-def num_parameters(params: PyTree) -> int:
-  """m, the number of scalar parameters in `params` (static)."""
-  return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
-
-
 def gradient_norm_sq(grads: PyTree) -> jax.Array:
   """‖∇L‖² = Σᵢ (∂L/∂θᵢ)² over every leaf of `grads` (at least float32)."""
   return sum(jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
@@ -114,7 +111,7 @@ def gradient_norm_sq(grads: PyTree) -> jax.Array:
 
 def implicit_regularizer(grads: PyTree) -> jax.Array:
   """R_IG = (1/m) Σᵢ (∂L/∂θᵢ)² = ‖∇L‖²/m ([BD21] Section 3)."""
-  return gradient_norm_sq(grads) / num_parameters(grads)
+  return gradient_norm_sq(grads) / count_params(grads)
 
 
 def implicit_regularization_rate(learning_rate: float, num_params: int) -> float:
@@ -353,7 +350,7 @@ def penalized_value_and_grad(
 
   def value_and_grad(params, *args):
     mu = _resolve_coefficient(coefficient, regularization_rate,
-                              num_parameters(params))
+                              count_params(params))
     core = _penalized_core(
         loss_fn, has_aux=has_aux, mu=mu, method=method, fd_epsilon=fd_epsilon,
         num_microbatches=num_microbatches,
@@ -414,7 +411,7 @@ def gradient_penalty_grad_fn(
   _resolve_coefficient(coefficient, regularization_rate, 1)  # fail early
 
   def grad_fn(params, model_state, rng, batch, axis_name=None):
-    m = num_parameters(params)
+    m = count_params(params)
     mu = _resolve_coefficient(coefficient, regularization_rate, m)
     stacked_argnums = ()
     if num_microbatches > 1 and rng is not None:

@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from jreg.errors import UserError
+
 SOURCES = ('local', 'tfds')
 
 # `<repo>/../shared/data`: where the offline copies live beside the repository.
@@ -21,7 +23,7 @@ _REPO = pathlib.Path(__file__).resolve().parents[2]
 SHARED_DATA_DIR = _REPO.parent / 'shared' / 'data'
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A dataset file is missing or not what its format promises.
 
   The message is one sentence that names the file, says what is wrong and how
