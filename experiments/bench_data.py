@@ -166,19 +166,22 @@ def define_flags():
   flags.DEFINE_integer('repeats', 3, 'Timed repeats per pipeline (median).')
   flags.DEFINE_integer('imagenet_workers', 2, 'grain decoding processes.')
   flags.DEFINE_integer('imagenet_image_size', 56, 'ImageNet output side.')
+  flags.DEFINE_bool('quickstart', False, 'Use quickstart_config().')
+  flags.DEFINE_string('data_dir', None, 'Folder of the datasets (None: the '
+                      'loaders\' default).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}.')
   f = flags.FLAGS
-  if cli.QUICKSTART.value:
+  if f.quickstart:
     config = quickstart_config()
   else:
     config = dict(default_config(), pipelines=f.pipelines, steps=f.steps,
                   repeats=f.repeats, imagenet_workers=f.imagenet_workers,
                   imagenet_image_size=f.imagenet_image_size)
-  config['data_dir'] = cli.DATA_DIR.value
+  config['data_dir'] = f.data_dir
   try:
     check_config(config)
     results = run(config, cli.WORKDIR.value)

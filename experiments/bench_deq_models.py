@@ -16,14 +16,14 @@ measures, in one process and one run, for every case:
   * the forward / backward NFE of the step, and the parameter count.
 
 Cases (extensible: `CASES` maps a name to a function returning a `Case`):
-  mdeq          the small CIFAR-10 MDEQ (`deq_cifar10.small_config()`),
+  mdeq          the small CIFAR-10 MDEQ (experiments/configs/deq_cifar10.py:small),
                 no Jacobian term;
   mdeq_jr       the same with the Jacobian term on every step (p = 1; the
                 cost at p < 1 is (1 - p) * mdeq + p * mdeq_jr in time);
   mdeq_explicit the MDEQ cell unrolled L times with untied weights, width
                 shrunk to a similar parameter count (`ExplicitMDEQ`);
   deqtx, deqtx_jr, deqtx_explicit
-                the DEQ-Transformer of `experiments.deq_wikitext`
+                the DEQ-Transformer of experiments/configs/deq_wikitext.py:small
                 (`small_config()`, its `build` contract) likewise, and its
                 explicit Transformer-XL stack (`explicit_config`).
 The solvers run their whole budget (tolerance 0) so that every step does the
@@ -61,9 +61,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jreg import cli
 from jreg import layers
 from jreg import train
-from jreg.models import mdeq
+from jreg.models import count_params
+from jreg.tasks import deq_lm
+from jreg.tasks import mdeq as mdeq_task
 
 
 class Case(NamedTuple):
@@ -76,42 +79,47 @@ class Case(NamedTuple):
 
 def _mdeq_case(jacobian: bool, network: str = 'mdeq',
                overrides: dict | None = None) -> Case:
-  from experiments import deq_cifar10  # pylint: disable=g-import-not-at-top
-  config = dict(deq_cifar10.small_config(), network=network,
-                solver_tol=1e-12, **(overrides or {}))
-  config.update(jacobian_weight=0.5 if jacobian else 0.0,
-                jacobian_weight_final=0.5 if jacobian else 0.0,
-                jacobian_prob=1.0, jacobian_prob_final=1.0)
-  fns = deq_cifar10.build(config)
+  """The small CIFAR-10 MDEQ at fixed budgets (tolerance 1e-12: no early stop)."""
+  weight = 0.5 if jacobian else 0.0
+  config = cli.get_config('deq_cifar10', 'small', {
+      'model.network': network, 'deq.forward.tol': 1e-12,
+      'deq.backward.tol': 1e-12, 'jacobian.weight': weight,
+      'jacobian.weight_final': weight, 'jacobian.probability': 1.0,
+      'jacobian.probability_final': 1.0, **(overrides or {})})
+  fns = mdeq_task.build(config, (32, 32, 3), config.num_steps, num_classes=10)
   rng = np.random.default_rng(0)
-  batch = {'image': rng.normal(size=(config['batch_size'], 32, 32, 3)
+  batch = {'image': rng.normal(size=(config.batch_size, 32, 32, 3)
                                ).astype(np.float32),
-           'label': rng.integers(0, 10, config['batch_size']).astype(np.int32)}
-  info = dict(model=config['model'], batch_size=config['batch_size'],
-              forward_nfe_budget=config['forward_nfe'],
-              backward_nfe_budget=config['backward_nfe'])
+           'label': rng.integers(0, 10, config.batch_size).astype(np.int32)}
+  info = dict(model=config.model.name, batch_size=config.batch_size,
+              forward_nfe_budget=config.deq.forward.max_iter,
+              backward_nfe_budget=config.deq.backward.max_iter)
   return Case(fns.init_fn, fns.grad_fn, batch, info)
+
+
+WIKITEXT2_VOCAB = 33_278   # the small preset's vocabulary (WikiText-2)
 
 
 def _deqtx_case(jacobian: bool, explicit: bool = False,
                 overrides: dict | None = None) -> Case:
-  from experiments import deq_wikitext  # pylint: disable=g-import-not-at-top
-  config = dict(deq_wikitext.small_config(), deq_tol=1e-12,
-                **(overrides or {}))
-  if not jacobian:
-    config.update(jacobian_weight_init=0.0, jacobian_weight_final=0.0)
+  """The small DEQ-Transformer at fixed budgets (tolerance 1e-12)."""
+  values = {'deq.forward.tol': 1e-12, 'deq.backward.tol': 1e-12}
+  if jacobian:
+    values['jacobian.probability'] = 1.0
   else:
-    config.update(jacobian_probability=1.0)
+    values.update({'jacobian.weight': 0.0, 'jacobian.weight_final': 0.0})
+  config = cli.get_config('deq_wikitext', 'small',
+                          {**values, **(overrides or {})})
   if explicit:
-    config = deq_wikitext.explicit_config(config)
-  built = deq_wikitext.build(config)
+    config = deq_lm.explicit_config(config)
+  built = deq_lm.build(config, WIKITEXT2_VOCAB)
   rng = np.random.default_rng(0)
-  shape = (config['train_batch_size'], config['train_seq_len'])
-  tokens = rng.integers(0, config['vocab_size'], shape).astype(np.int32)
+  shape = (config.batch_size, config.data.seq_len)
+  tokens = rng.integers(0, WIKITEXT2_VOCAB, shape).astype(np.int32)
   batch = {'inputs': tokens, 'targets': np.roll(tokens, -1, axis=1)}
   info = dict(model='deq_transformer_small', batch_size=shape[0],
-              seq_len=shape[1], forward_nfe_budget=config['deq_forward_nfe'],
-              backward_nfe_budget=config['deq_backward_nfe'])
+              seq_len=shape[1], forward_nfe_budget=config.deq.forward.max_iter,
+              backward_nfe_budget=config.deq.backward.max_iter)
   return Case(built.init_fn, built.grad_fn, batch, info)
 
 
@@ -130,12 +138,12 @@ CASES: dict[str, tuple[Callable[[], Case], str, str]] = {
 
 # Cases whose forward budget can be set, for `memory_against_nfe`.
 MEMORY_CASES: dict[str, Callable[[int], Case]] = {
-    'mdeq_jr': lambda nfe: _mdeq_case(True, overrides={'forward_nfe': nfe}),
-    'mdeq': lambda nfe: _mdeq_case(False, overrides={'forward_nfe': nfe}),
+    'mdeq_jr': lambda nfe: _mdeq_case(True, overrides={'deq.forward.max_iter': nfe}),
+    'mdeq': lambda nfe: _mdeq_case(False, overrides={'deq.forward.max_iter': nfe}),
     'deqtx_jr': lambda nfe: _deqtx_case(True,
-                                        overrides={'deq_forward_nfe': nfe}),
+                                        overrides={'deq.forward.max_iter': nfe}),
     'deqtx': lambda nfe: _deqtx_case(False,
-                                     overrides={'deq_forward_nfe': nfe}),
+                                     overrides={'deq.forward.max_iter': nfe}),
 }
 
 
@@ -182,7 +190,7 @@ class _Compiled:
     metrics = jax.device_get(self.metrics)
     out = dict(self.case.info, step_time_s=statistics.median(self.times),
                step_times_s=self.times, compile_s=self.compile_s,
-               num_params=mdeq.count_params(self.state.params),
+               num_params=count_params(self.state.params),
                **_memory(self.compiled, jax.devices()[0]))
     for key in ('forward_nfe', 'backward_nfe', 'jacobian_applied', 'loss'):
       if key in metrics:

@@ -17,23 +17,20 @@ gradients of the whole population, then averages ‖ḡ_B‖² and U over
 `num_draws` random batches at each batch size, and compares the measured bias
 with the closed form.
 
-    python -m experiments.gradient_noise_bias --workdir=/tmp/noise_bias
     python -m experiments.gradient_noise_bias --workdir=/tmp/noise_bias \
-        --batch_sizes=16,64,256,1024 --num_draws=400 --train_examples=0
+        [--config=experiments/configs/gradient_noise_bias.py:PRESET]
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 import json
 import os
 from typing import Any
 
-from absl import app
-from absl import flags
 from absl import logging
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -41,51 +38,10 @@ from jreg import cli
 from jreg import data
 from jreg.data import augment
 from jreg import gradient_regularization as gr
+from jreg.models import count_params
 from jreg import plotting
+from jreg import tasks
 from jreg import train
-
-
-MNIST_TRAIN_SIZE = 60000
-
-
-def default_config() -> dict[str, Any]:
-  return dict(
-      width=100,                  # hidden units of the 784-width-10 ReLU MLP
-      train_examples=10000,       # the population (0: all 60,000)
-      batch_sizes=[16, 64, 256, 1024],
-      num_draws=200,              # random batches per batch size
-      train_steps=300,            # SGD steps before the second measurement
-      train_batch_size=128,
-      learning_rate=0.1,
-      chunk_size=500,             # examples per per-example-gradient chunk
-      seed=0,
-      data_source='local',
-      data_dir=None,
-  )
-
-
-def quickstart_config() -> dict[str, Any]:
-  return dict(default_config(), train_examples=2000, batch_sizes=[16, 128],
-              num_draws=50, train_steps=50)
-
-
-def check_config(config: Mapping[str, Any]) -> None:
-  """Raises ValueError with one sentence for an out-of-range setting."""
-  for key in ('width', 'num_draws', 'train_batch_size', 'chunk_size'):
-    if config[key] < 1:
-      raise ValueError(f'{key} must be >= 1, got {config[key]}.')
-  if config['train_steps'] < 0 or config['train_examples'] < 0:
-    raise ValueError('train_steps and train_examples must be >= 0.')
-  if not config['batch_sizes'] or min(config['batch_sizes']) < 2 or any(
-      b % 2 for b in config['batch_sizes']):
-    raise ValueError('batch_sizes must be even numbers >= 2 (each batch is '
-                     'split into two halves).')
-  if not config['learning_rate'] > 0:
-    raise ValueError('learning_rate must be > 0.')
-  population = config['train_examples'] or MNIST_TRAIN_SIZE
-  if max(config['batch_sizes']) > population:
-    raise ValueError(f'batch size {max(config["batch_sizes"])} exceeds the '
-                     f'population of {population} examples.')
 
 
 def mlp(width: int) -> hk.Transformed:
@@ -158,15 +114,25 @@ def measure(loss, params, images, labels, config, rng) -> dict[str, Any]:
               rows=rows)
 
 
-def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Measures at initialisation and after training; writes results.json and
   gradient_noise_bias.png under `workdir`; returns the results."""
-  config = dict(default_config(), **dict(config))
-  check_config(config)
+  settings = config.to_dict()
+  config = dict(width=config.model.width,
+                train_examples=config.data.train_examples,
+                batch_sizes=list(config.measure.batch_sizes),
+                num_draws=config.measure.num_draws,
+                chunk_size=config.measure.chunk_size,
+                train_steps=config.num_steps,
+                train_batch_size=config.batch_size,
+                learning_rate=config.learning_rate, seed=config.seed,
+                log_every=config.log_every,
+                data=tasks.data_source(config.data.source, config.data.dir))
   os.makedirs(workdir, exist_ok=True)
+  source, data_dir = config['data']
   arrays = data.first_examples(
-      data.load_mnist('train', source=config['data_source'],
-                      data_dir=config['data_dir']), config['train_examples'])
+      data.load_mnist('train', source=source, data_dir=data_dir),
+      config['train_examples'])
   images = jnp.asarray(augment.normalize(     # [N, 28, 28, 1]
       arrays['image'], augment.MNIST_MEAN, augment.MNIST_STD))
   labels = jnp.asarray(arrays['label'])       # [N]
@@ -184,18 +150,18 @@ def run(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
   optimizer = optax.sgd(config['learning_rate'])
   points = {'initialisation': train.init_state(init_fn, optimizer,
                                                config['seed']).params}
-  if config['train_steps']:
+  if config['train_steps']:   # restartable: a finished run is read back
     state, _ = train.fit(
         workdir=os.path.join(workdir, 'train'), init_fn=init_fn,
         grad_fn=train.value_and_grad(loss_fn), optimizer=optimizer,
         train_iter=data.mnist_iterator('train', config['train_batch_size'],
                                        seed=config['seed'], arrays=arrays),
         num_steps=config['train_steps'], seed=config['seed'],
-        log_every=max(1, config['train_steps'] // 5), checkpoint_every=0,
+        log_every=config['log_every'], checkpoint_every=0,
         tensorboard=False)
     points[f'after {config["train_steps"]} SGD steps'] = state.params
   rng = np.random.default_rng(config['seed'])
-  results = dict(config=config, num_params=gr.num_parameters(
+  results = dict(config=settings, num_params=count_params(
       points['initialisation']), points={})
   for name, params in points.items():
     logging.info('measuring at %s', name)
@@ -230,43 +196,5 @@ def _plot(results, path):
     axes[0].legend(fontsize='x-small')
 
 
-def define_flags():
-  flags.DEFINE_list('batch_sizes', None, 'Even batch sizes to measure.')
-  flags.DEFINE_integer('num_draws', None, 'Random batches per batch size.')
-  flags.DEFINE_integer('train_examples', None, 'Population size (0: all 60,000).')
-  flags.DEFINE_integer('train_steps', None, 'SGD steps before the second point.')
-  flags.DEFINE_integer('width', None, 'Hidden units of the MLP.')
-
-
-def main(argv):
-  del argv
-  workdir = cli.start()
-  f = flags.FLAGS
-  config = quickstart_config() if cli.QUICKSTART.value else default_config()
-  try:
-    if f.batch_sizes is not None:
-      config['batch_sizes'] = [int(b) for b in f.batch_sizes]
-  except ValueError as error:
-    raise app.UsageError(f'--batch_sizes has a non-integer entry: {error}.')
-  for key in ('num_draws', 'train_examples', 'train_steps', 'width'):
-    if f[key].value is not None:
-      config[key] = f[key].value
-  config.update(seed=cli.SEED.value, data_source=cli.DATA_SOURCE.value,
-                data_dir=cli.DATA_DIR.value)
-  try:
-    check_config(config)
-  except ValueError as error:
-    raise app.UsageError(str(error)) from None
-  results = run(config, workdir)
-  for name, point in results['points'].items():
-    print(f'{name}: ‖G‖² = {point["full_grad_norm_sq"]:.4g}, '
-          f'tr Σ = {point["trace_sigma"]:.4g}')
-    for r in point['rows']:
-      print(f'  B={r["batch_size"]:5d}  naive bias {r["naive_bias"]:.4g} ± '
-            f'{r["naive_se"]:.2g} (predicted {r["predicted_naive_bias"]:.4g})'
-            f'  split bias {r["unbiased_bias"]:.3g} ± {r["unbiased_se"]:.2g}')
-
-
 if __name__ == '__main__':
-  define_flags()
-  cli.run(main)
+  cli.main(run, 'gradient_noise_bias')

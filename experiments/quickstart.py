@@ -1,15 +1,17 @@
-"""The main job: every experiment that needs no download, at small scale.
+r"""The main job: every experiment at its `quickstart` preset, at small scale.
 
-Runs each experiment's `run(quickstart_config(), WORKDIR/<name>)` in turn
-(minutes on 2 CPU cores) and writes `WORKDIR/summary.json` with each one's
-results; each experiment writes its own metrics and PNG figures under its
-folder. The offline data is read from `--data_dir` (default: `../shared/data`
-beside the repository); an experiment whose files are missing is reported as
-skipped, with the one sentence saying how to get them, and the experiments that
-need no files always run.
+Runs each experiment's `run(config, WORKDIR/<name>)` with the config
+`experiments/configs/<name>.py:quickstart` (minutes on 2 CPU cores) and writes
+`WORKDIR/summary.json` with each one's results; each experiment writes its own
+config.json, metrics and PNG figures under its folder. `data.source`,
+`data.dir` and `parallel` are forwarded to every experiment. An experiment
+whose data files are missing is reported as skipped, with the one sentence
+saying how to get them; the experiments that need no files always run. Run
+again, it resumes the unfinished experiments and re-reports the finished ones.
 
     python -m experiments.quickstart --workdir=runs/quickstart
-    python -m experiments.quickstart --workdir=runs/quickstart --only=synthetic_mlp
+    python -m experiments.quickstart --workdir=runs/quickstart \
+        --config.only=synthetic_mlp,deq_synthetic --config.data.dir=/data
 """
 from __future__ import annotations
 
@@ -17,96 +19,72 @@ import importlib
 import json
 import os
 import time
+from typing import Any, Mapping
 
-from absl import app
-from absl import flags
 from absl import logging
+import jax
+import ml_collections
 
+from experiments.configs import quickstart as quickstart_config
 from jreg import cli
 from jreg import data
 
-# (name, module, what it shows). Order: cheapest first.
-EXPERIMENTS = (
-    ('synthetic_mlp', 'experiments.synthetic_mlp',
-     'explicit-depth MLP baseline on the synthetic 1-D task'),
-    ('igr_two_parameter', 'experiments.igr_two_parameter',
-     'IGR: gradient descent against the exact and the modified flow'),
-    ('igr_mnist_sweep', 'experiments.igr_mnist_sweep',
-     'IGR: MNIST MLP sweep over width and learning rate, with EGR runs'),
-    ('egr_cifar10', 'experiments.egr_cifar10',
-     'EGR: CIFAR-10 ResNet with and without the gradient penalty'),
-    ('deq_synthetic', 'experiments.deq_synthetic',
-     'DEQ + Jacobian regularisation on the synthetic 1-D task'),
-    ('deq_cifar10', 'experiments.deq_cifar10',
-     'MDEQ with Jacobian regularisation on CIFAR-10'),
-    ('deq_imagenet', 'experiments.deq_imagenet',
-     'MDEQ-small pipeline end to end on the ImageNet-layout subset'),
-    ('deq_wikitext', 'experiments.deq_wikitext',
-     'DEQ-Transformer with Jacobian regularisation on WikiText-2'),
-)
+EXPERIMENTS = quickstart_config.EXPERIMENTS  # (name, module, what it shows)
 
 
-def run(workdir: str, only: tuple[str, ...] = (), data_dir: str | None = None,
-        config_overrides: dict | None = None) -> dict:
-  """Runs the quickstart experiments; returns `{name: results}`.
+def forwarded(config: ml_collections.ConfigDict,
+              experiment: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The quickstart's shared settings that apply to one experiment's config."""
+  overrides = {'parallel': config.parallel}
+  if 'data' in experiment and 'source' in experiment.data:
+    overrides['data.source'] = config.data.source
+    if config.data.dir is not None:
+      overrides['data.dir'] = config.data.dir
+  return overrides
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+  """Runs the chosen experiments; writes and returns `{name: results}`.
 
   Args:
-    workdir: every experiment writes under `workdir/<name>`.
-    only: names to run (default: all).
-    data_dir: the offline datasets (None: the default location).
-    config_overrides: `{name: {key: value}}` applied over each quickstart config
-      (tests shrink the runs further with it).
+    config: the quickstart's config (`experiments/configs/quickstart.py`).
+    workdir: every experiment runs in `workdir/<name>`.
+    overrides: `{name: {dotted key: value}}` over each quickstart preset (tests
+      shrink the runs further with it).
   """
-  known = [name for name, _, _ in EXPERIMENTS]
-  unknown = sorted(set(only) - set(known))
-  if unknown:
-    raise ValueError(f'unknown experiments {unknown}; known: {known}.')
+  cli.validate('quickstart', config)
+  names = quickstart_config.selected(config)
   summary = {}
   for name, module_name, what in EXPERIMENTS:
-    if only and name not in only:
+    if name not in names:
       continue
     module = importlib.import_module(module_name)
-    config = module.quickstart_config()
-    for key in ('data_dir', 'dataset_dir'):  # the name each experiment uses
-      if data_dir is not None and key in config:
-        config[key] = data_dir
-    config.update((config_overrides or {}).get(name, {}))
+    experiment = cli.get_config(name, 'quickstart')
+    cli.override(experiment, forwarded(config, experiment))
+    cli.override(experiment, (overrides or {}).get(name, {}))
     logging.info('quickstart: %s (%s)', name, what)
     start = time.perf_counter()
     try:
-      results = module.run(config, os.path.join(workdir, name))
+      results = dict(cli.execute(name, module.run, experiment,
+                                 os.path.join(workdir, name),
+                                 cli.config_change_allowed()))
     except data.DataError as error:
-      # The offline files are not there: the experiments that need none still run.
+      # The data files are not there: the experiments that need none still run.
       logging.warning('quickstart: %s skipped: %s', name, error)
       results = {'skipped': str(error)}
-    results = dict(results, wall_time_s=time.perf_counter() - start)
-    summary[name] = results
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2, default=float)
+    summary[name] = dict(results, wall_time_s=time.perf_counter() - start)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2, default=float)
+  for name, results in summary.items():
+    if 'skipped' in results:
+      print(f'{name}: SKIPPED, {results["skipped"]}', flush=True)
+    else:
+      print(f'{name}: ' + json.dumps(dict(list(cli.headline(results).items())[
+          :cli.HEADLINE_SIZE])), flush=True)
   return summary
 
 
-def define_flags():
-  flags.DEFINE_list('only', [], 'Run only these experiments (comma-separated).')
-
-
-def main(argv):
-  del argv
-  workdir = cli.start()
-  try:
-    summary = run(workdir, tuple(flags.FLAGS.only), cli.DATA_DIR.value)
-  except ValueError as error:
-    raise app.UsageError(str(error)) from None
-  for name, results in summary.items():
-    if 'skipped' in results:
-      print(f'{name}: SKIPPED, {results["skipped"]}')
-      continue
-    headline = {k: v for k, v in results.items() if isinstance(v, (int, float))}
-    print(f'{name}: ' + json.dumps(headline, default=float))
-  print(f'quickstart finished: {len(summary)} experiments, results in '
-        f'{os.path.join(workdir, "summary.json")}')
-
-
 if __name__ == '__main__':
-  define_flags()
-  cli.run(main)
+  cli.main(run, 'quickstart')

@@ -1,53 +1,207 @@
-"""Flags shared by every experiment entrypoint, defined once.
+"""The command line of every experiment: ml_collections configs, workdir, multi-host.
 
-Experiment modules import this module for the common flags and define their own
-flags inside a `define_flags()` function called under `__main__`, so that tests
-and the quickstart can import several experiments into one process.
+Every experiment is started the same way:
+
+    python -m experiments.NAME --workdir=W \
+        [--config=experiments/configs/NAME.py[:PRESET]] [--config.KEY=VALUE ...] \
+        [--allow_config_change] [--dist_* ...]
+
+`PRESET` is `paper` (the default), `small` or `quickstart`; `--config.KEY=VALUE`
+overrides any key of the config, nested ones too (`--config.deq.forward.tol=1e-4`).
+An experiment module defines `run(config, workdir) -> results` and ends with
+`cli.main(run, 'NAME')`, which does everything around it (see `main`).
+
+Refusals (one sentence, exit status 1, no traceback): an unknown key, a value of
+the wrong type, a value out of range (each config file's `validate`), a workdir
+that is a file or cannot be written, a workdir that another process is using, a
+resume under a different config (unless `--allow_config_change`), and the
+run-time errors of `jreg.errors.UserError`.
 """
+from __future__ import annotations
+
+import importlib
+import json
+import os
 import sys
+from typing import Any, Callable, Mapping
 
 from absl import app
 from absl import flags
+import jax
+import ml_collections
+from ml_collections import config_flags
 
 from jreg import distributed as _distributed  # defines the --dist_* flags
+from jreg import errors
 from jreg import train as _train
 
-WORKDIR = flags.DEFINE_string('workdir', None,
-                              'Directory for checkpoints, metrics and figures.')
-SEED = flags.DEFINE_integer('seed', 0, 'Random seed of the run.')
-PARALLEL = flags.DEFINE_enum('parallel', 'single', list(_train.PARALLEL_MODES),
-                             'single: jax.jit on one device; sharded: jax.jit '
-                             'over a device mesh; pmap: jax.pmap with pmean.')
-DATA_SOURCE = flags.DEFINE_enum('data_source', 'local', ['local', 'tfds'],
-                                'local: the standard files under --data_dir; '
-                                'tfds: tensorflow-datasets (downloads).')
-DATA_DIR = flags.DEFINE_string('data_dir', None,
-                               'Directory of the dataset files (local) or the '
-                               'tfds data_dir; default: ../shared/data beside '
-                               'the repository when it exists.')
-LOG_EVERY = flags.DEFINE_integer('log_every', 50, 'Steps between logged records.')
-EVAL_EVERY = flags.DEFINE_integer('eval_every', 0,
-                                  'Steps between evaluations (0: at the end).')
-CHECKPOINT_EVERY = flags.DEFINE_integer('checkpoint_every', 500,
-                                        'Steps between checkpoints (0: at the end).')
-QUICKSTART = flags.DEFINE_bool('quickstart', False,
-                               'Use the small quickstart configuration.')
+WORKDIR = flags.DEFINE_string(
+    'workdir', None,
+    'Directory of the run: config.json, checkpoints, metrics.jsonl, TensorBoard '
+    'events, results.json and figures. Re-running a command in the same workdir '
+    'resumes it (or re-reports it when it has finished).')
+ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Resume a run whose saved config.json differs from this config (the '
+    'changes are logged); without it such a resume is refused.')
+
+# Where `cli.main` finds an experiment's config file by default.
+CONFIGS_PACKAGE = 'experiments.configs'
+PRESETS = ('paper', 'small', 'quickstart')
+HEADLINE_SIZE = 6  # numbers in the one-line summary of a finished command
+
+
+class ConfigError(errors.UserError, ValueError):
+  """A config key is unknown, of the wrong type, or out of range."""
+
+
+def config_file(name: str) -> str:
+  """The config file of experiment `name` (`experiments/configs/NAME.py`)."""
+  package = importlib.import_module(CONFIGS_PACKAGE)
+  return os.path.join(os.path.dirname(package.__file__), f'{name}.py')
+
+
+def config_module(name: str):
+  """The module `experiments.configs.NAME` (`get_config`, `validate`)."""
+  return importlib.import_module(f'{CONFIGS_PACKAGE}.{name}')
+
+
+def get_config(name: str, preset: str = 'paper',
+               overrides: Mapping[str, Any] | None = None
+               ) -> ml_collections.ConfigDict:
+  """Experiment `name`'s validated config at `preset`, with dotted `overrides`.
+
+  The library form of `--config=experiments/configs/NAME.py:PRESET
+  --config.KEY=VALUE`, for tests, notebooks and the quickstart.
+
+  Raises:
+    ConfigError: an unknown preset or key, a wrong type or a value out of range.
+  """
+  module = config_module(name)
+  try:
+    config = module.get_config(preset)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  override(config, overrides or {})
+  validate(name, config)
+  return config
+
+
+def override(config: ml_collections.ConfigDict,
+             values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys (`{'deq.forward.tol': 1e-4}`) in place, type-checked.
+
+  Raises:
+    ConfigError: an unknown key or a value of the wrong type.
+  """
+  for key, value in values.items():
+    *parents, leaf = key.split('.')
+    node = config
+    try:
+      for part in parents:
+        node = node[part]
+      if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise KeyError(leaf)
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+    except KeyError:
+      raise ConfigError(f'config key {key!r} does not exist.') from None
+    except TypeError as error:
+      raise ConfigError(f'config key {key!r}: {_first_line(error)}') from None
+  return config
+
+
+def validate(name: str, config: ml_collections.ConfigDict) -> None:
+  """Runs the config file's `validate(config)` and the checks common to all.
+
+  Raises:
+    ConfigError: with one sentence naming the key and its allowed range.
+  """
+  try:
+    check_common(config)
+    config_module(name).validate(config)
+  except ConfigError:
+    raise
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+
+
+def check_common(config: ml_collections.ConfigDict) -> None:
+  """Range checks of the keys every experiment shares (the naming scheme).
+
+  Raises:
+    ValueError: one sentence naming the key.
+  """
+  def has(key):
+    return key in config and config[key] is not None
+
+  if has('seed') and config.seed < 0:
+    raise ValueError(f'seed must be >= 0, got {config.seed}.')
+  for key in ('num_steps', 'batch_size', 'eval_batch_size', 'log_every'):
+    if has(key) and config[key] < 1:
+      raise ValueError(f'{key} must be >= 1, got {config[key]}.')
+  for key in ('eval_every', 'checkpoint_every'):
+    if has(key) and config[key] < 0:
+      raise ValueError(f'{key} must be >= 0 (0: at the end), got {config[key]}.')
+  if has('learning_rate') and not config.learning_rate > 0:
+    raise ValueError(f'learning_rate must be > 0, got {config.learning_rate}.')
+  if has('parallel') and config.parallel not in _train.PARALLEL_MODES:
+    raise ValueError(f'parallel must be one of {_train.PARALLEL_MODES}, got '
+                     f'{config.parallel!r}.')
+  if 'data' in config and 'source' in config.data:
+    from jreg import tasks  # pylint: disable=g-import-not-at-top
+    if config.data.source not in tasks.DATA_SOURCES:
+      raise ValueError(f'data.source must be one of {tasks.DATA_SOURCES}, got '
+                       f'{config.data.source!r}.')
+  if 'optimizer' in config:
+    opt = config.optimizer
+    for key in ('weight_decay', 'warmup_steps', 'grad_clip'):
+      if key in opt and opt[key] < 0:
+        raise ValueError(f'optimizer.{key} must be >= 0, got {opt[key]}.')
+    if 'momentum' in opt and not 0 <= opt.momentum < 1:
+      raise ValueError(f'optimizer.momentum must lie in [0, 1), got '
+                       f'{opt.momentum}.')
+    if 'schedule' in opt and opt.schedule not in _train.SCHEDULES:
+      raise ValueError(f'optimizer.schedule must be one of {_train.SCHEDULES}, '
+                       f'got {opt.schedule!r}.')
+  if 'jacobian' in config:
+    from jreg.tasks import deq as deq_task  # pylint: disable=g-import-not-at-top
+    deq_task.check_jacobian(config.jacobian)
+  if 'sweep' in config:
+    for key, values in config.sweep.items():
+      if not isinstance(values, (tuple, list)) or not values:
+        raise ValueError(f'sweep.{key} must be a non-empty tuple, got {values!r}.')
+      if key in ('seed',) and min(values) < 0:
+        raise ValueError(f'sweep.seed values must be >= 0, got {values}.')
+
+
+def check_devices(config: ml_collections.ConfigDict) -> None:
+  """The global batch must split evenly over the devices it is sharded on.
+
+  Raises:
+    ConfigError: with the device and process counts.
+  """
+  if 'batch_size' not in config:
+    return
+  parallel = config.get('parallel', 'single')
+  devices = jax.device_count() if parallel != 'single' else 1
+  processes = jax.process_count()
+  for divisor, what in ((devices, f'{devices} devices (parallel={parallel})'),
+                        (processes, f'{processes} processes')):
+    if config.batch_size % divisor:
+      raise ConfigError(
+          f'batch_size={config.batch_size} is the global batch and must be '
+          f'divisible by the {what}.')
 
 
 def start() -> str:
-  """Validates the common flags, joins a multi-host run, returns the workdir.
+  """Checks `--workdir` and joins a multi-host run; returns the workdir.
 
   Raises:
-    app.UsageError: a flag value is out of range.
+    app.UsageError: no workdir, or a bad `--dist_*` setting.
   """
   if not WORKDIR.value:
     raise app.UsageError('--workdir is required: the directory for checkpoints, '
                          'metrics and figures.')
-  for flag in (LOG_EVERY, EVAL_EVERY, CHECKPOINT_EVERY):
-    if flag.value < 0:
-      raise app.UsageError(f'--{flag.name}={flag.value} must be >= 0.')
-  if LOG_EVERY.value == 0:
-    raise app.UsageError('--log_every must be >= 1.')
   try:
     _distributed.initialize_from_flags()
   except ValueError as error:
@@ -55,18 +209,172 @@ def start() -> str:
   return WORKDIR.value
 
 
-def run(main) -> None:
-  """`app.run(main)`, with the run-time errors a user can act on reported as
-  one sentence and exit status 1 instead of a traceback: bad data
-  (`jreg.data.DataError`) and a NaN or infinite loss
-  (`jreg.train.NonFiniteLossError`, which keeps the last good checkpoint)."""
-  from jreg import data  # pylint: disable=g-import-not-at-top
+def log_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Shows the resolved config in TensorBoard (a text summary, process 0)."""
+  if jax.process_index() != 0:
+    return
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  text = '```\n' + json.dumps(config.to_dict(), indent=2, default=str) + '\n```'
+  with SummaryWriter(os.path.join(workdir, 'tensorboard')) as writer:
+    writer.add_text('config', text, 0)
+
+
+def config_change_allowed() -> bool:
+  """`--allow_config_change` of this command (False outside a command)."""
+  return flags.FLAGS.is_parsed() and ALLOW_CONFIG_CHANGE.value
+
+
+def execute(name: str,
+            run_fn: Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]],
+            config: ml_collections.ConfigDict, workdir: str,
+            allow_config_change: bool = False) -> Mapping[str, Any]:
+  """Runs experiment `name` in `workdir` as its command does; returns its results.
+
+  Validates the config, checks the global batch against the devices, locks
+  the workdir (a second concurrent run is refused), saves the config as
+  `workdir/config.json` (a resume under a different one is refused unless
+  `allow_config_change`) and shows it in TensorBoard, then calls
+  `run_fn(config, workdir)`.
+
+  Raises:
+    jreg.errors.UserError: ConfigError, a busy or unusable workdir, a changed
+      config, and whatever the run raises.
+  """
+  from jreg import rundir  # pylint: disable=g-import-not-at-top
+  validate(name, config)
+  check_devices(config)
+  with rundir.lock(workdir):
+    rundir.check_config(workdir, config.to_dict(),
+                        allow_change=allow_config_change)
+    log_config(workdir, config)
+    return run_fn(config, workdir)
+
+
+def headline(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """The numbers of a (nested) results dict, flattened to dotted keys."""
+  flat = {}
+  for key, value in results.items():
+    if isinstance(value, Mapping):
+      flat.update(headline(value, f'{prefix}{key}.'))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      flat[f'{prefix}{key}'] = float(f'{value:.6g}') if isinstance(value, float) else value
+  return flat
+
+
+def main(run_fn: Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]],
+         name: str) -> None:
+  """The `__main__` of experiment `name`: the whole command around `run_fn`.
+
+  Defines `--config` (default `experiments/configs/NAME.py`, preset `paper`),
+  parses it, validates it, joins a multi-host run, checks the global batch
+  against the devices, locks the workdir, saves the config as
+  `W/config.json` (refusing a resume under a different one unless
+  `--allow_config_change`) and in TensorBoard, calls `run_fn(config, W)` and
+  prints one line with the headline numbers.
+  """
+  try:
+    # Parses the default file and any --config.KEY=VALUE of sys.argv already.
+    config_flag = config_flags.DEFINE_config_file(
+        'config', config_file(name),
+        f'Config file and preset, FILE[:PRESET] with PRESET in {PRESETS} '
+        f'(default: experiments/configs/{name}.py, preset paper); override '
+        'any key with --config.KEY=VALUE.', lock_config=True)
+  except (KeyError, AttributeError) as error:
+    _refuse_unknown_key(error, sys.argv)
+  for flag in ('workdir', 'config', 'allow_config_change'):  # shown by --help
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag])
+
+  def command(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments {argv[1:]}: settings are '
+                           '--config.KEY=VALUE flags.')
+    config = _loaded(config_flag)
+    try:
+      validate(name, config)
+    except ConfigError as error:
+      raise app.UsageError(str(error)) from None
+    workdir = start()
+    results = execute(name, run_fn, config, workdir, ALLOW_CONFIG_CHANGE.value)
+    numbers = headline(results)
+    shown = dict(list(numbers.items())[:HEADLINE_SIZE])
+    more = f' (+{len(numbers) - len(shown)} more)' if len(numbers) > len(shown) else ''
+    print(f'{name} finished in {workdir}: {json.dumps(shown)}{more}', flush=True)
+
+  run(command)
+
+
+def _loaded(config_flag) -> ml_collections.ConfigDict:
+  """The parsed config, or a usage error when its file could not be loaded."""
+  config = config_flag.value
+  try:
+    config.keys()
+  except IOError as error:
+    raise app.UsageError(f'--config could not be loaded: {_first_line(error)}'
+                         ) from None
+  return config
+
+
+def _first_line(error: BaseException) -> str:
+  """The last meaningful line of an error (ml_collections embeds tracebacks)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config-override errors as one sentence.
+
+  ml_collections raises a bare `KeyError`/`AttributeError` (a traceback) for
+  `--config.no_such_key=1`, and embeds a traceback in the message when
+  `get_config` rejects a preset; both become `FATAL ...: <sentence>`, exit 1.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    message = _first_line(error)
+    if 'Traceback' in str(error):
+      message = f'--config could not be loaded: {message}'
+  except (KeyError, AttributeError) as error:
+    _refuse_unknown_key(error, argv)
+  print(f'FATAL Flags parsing error: {message}', file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def _refuse_unknown_key(error: BaseException, argv: list[str]) -> None:
+  """Exits with one sentence for a `--config.KEY` that the config lacks."""
+  key = _first_line(error).strip('\'"')
+  given = [arg.split('=', 1)[0] for arg in argv[1:] if arg.startswith('--config.')]
+  named = [arg for arg in given if arg.split('.')[-1] == key] or given
+  print(f'FATAL Flags parsing error: {", ".join(named)}: the config has no key '
+        f'{key!r} (the keys are those of its get_config).', file=sys.stderr,
+        flush=True)
+  sys.exit(1)
+
+
+def _sentences(main_fn):
+  """`main_fn` with usage and config errors printed as one sentence, exit 1
+  (absl would print the module's whole docstring before a UsageError)."""
+  def wrapped(argv):
+    try:
+      return main_fn(argv)
+    except (app.UsageError, ConfigError) as error:
+      print(f'FATAL: {error}', file=sys.stderr, flush=True)
+      sys.exit(1)
+  return wrapped
+
+
+def run(main_fn) -> None:
+  """`app.run(main_fn)`, with the run-time errors a user can act on reported as
+  one sentence and exit status 1 instead of a traceback: every
+  `jreg.errors.UserError` (bad data, a NaN or infinite loss, a busy workdir,
+  a changed configuration, an unusable checkpoint or workdir, a batch that
+  does not split over the devices)."""
+  from jreg.errors import UserError  # pylint: disable=g-import-not-at-top
 
   def guarded(argv):
     try:
-      return main(argv)
-    except (data.DataError, _train.NonFiniteLossError) as error:
+      return _sentences(main_fn)(argv)
+    except UserError as error:
       print(f'FATAL: {error}', file=sys.stderr, flush=True)
       sys.exit(1)
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=parse_flags)

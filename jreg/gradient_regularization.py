@@ -83,7 +83,7 @@ __all__ = (
     'DATA_PARALLEL_MODES', 'DEFAULT_FD_EPSILON', 'METHODS',
     'coefficient_from_rate', 'gradient_norm_sq', 'gradient_penalty_grad_fn',
     'implicit_regularization_rate', 'implicit_regularizer', 'modified_loss',
-    'num_parameters', 'penalized_value_and_grad',
+    'penalized_value_and_grad',
     # The finite-difference (SAM / gnp) family, warm-up, unbiased penalty.
     'DIFFERENCES', 'PERTURBATIONS', 'WARMUP_STRATEGIES', 'PENALTY_STATE_KEY',
     'PenaltyWarmup', 'add_penalty_step_counter', 'with_penalty_step_counter',
@@ -91,6 +91,8 @@ __all__ = (
     'unbiased_gradient_norm_sq', 'unbiased_penalty_value_and_grad',
     'unbiased_penalty_grad_fn',
 )
+
+from jreg.models import count_params
 
 PyTree = Any
 Method = Literal['double_backprop', 'hvp', 'finite_difference']
@@ -115,11 +117,6 @@ DEFAULT_FD_EPSILON = 1e-2
 # ---------------------------------------------------------------------------
 
 
-def num_parameters(params: PyTree) -> int:
-  """m, the number of scalar parameters in `params` (static)."""
-  return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
-
-
 def gradient_norm_sq(grads: PyTree) -> jax.Array:
   """‖∇L‖² = Σᵢ (∂L/∂θᵢ)² over every leaf of `grads` (at least float32)."""
   return sum(jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32))))
@@ -128,7 +125,7 @@ def gradient_norm_sq(grads: PyTree) -> jax.Array:
 
 def implicit_regularizer(grads: PyTree) -> jax.Array:
   """R_IG = (1/m) Σᵢ (∂L/∂θᵢ)² = ‖∇L‖²/m ([BD21] Section 3)."""
-  return gradient_norm_sq(grads) / num_parameters(grads)
+  return gradient_norm_sq(grads) / count_params(grads)
 
 
 def implicit_regularization_rate(learning_rate: float, num_params: int) -> float:
@@ -429,7 +426,7 @@ def penalized_value_and_grad(
 
   def value_and_grad(params, *args, step=None):
     mu = _resolve_coefficient(coefficient, regularization_rate,
-                              num_parameters(params))
+                              count_params(params))
     core = _penalized_core(
         loss_fn, has_aux=has_aux, mu=mu, method=method, fd_epsilon=fd_epsilon,
         num_microbatches=num_microbatches,
@@ -671,7 +668,7 @@ def _engine_grad_fn(build_core, *, num_microbatches: int,
   entry of `stats` except 'penalized_norm_sq').
   """
   def grad_fn(params, model_state, rng, batch, axis_name=None):
-    m = num_parameters(params)
+    m = count_params(params)
     model_state, step = _pop_step(model_state, warmup)
     stacked_argnums = ()
     if num_microbatches > 1 and rng is not None:
@@ -941,7 +938,7 @@ def finite_difference_value_and_grad(
 
   def value_and_grad(params, *args, step=None):
     _, strength_m = _resolve_family_strength(
-        alpha, coefficient, regularization_rate, num_parameters(params))
+        alpha, coefficient, regularization_rate, count_params(params))
     core = _family_core(
         loss_fn, has_aux=has_aux, form=form, strength=strength_m,
         radius=float(radius), difference=difference, num_groups=num_groups,
@@ -1180,7 +1177,7 @@ def unbiased_penalty_value_and_grad(
 
   def value_and_grad(params, *args, step=None):
     mu = _resolve_coefficient(coefficient, regularization_rate,
-                              num_parameters(params))
+                              count_params(params))
     core = _unbiased_core(
         loss_fn, has_aux=has_aux, mu=mu, method=method, fd_epsilon=fd_epsilon,
         num_splits=num_splits, split_argnums=tuple(split_argnums),

@@ -15,8 +15,11 @@
       `lax.pmean` explicitly.
   The three give the same parameters after the same steps on the same global
   batches (tests/test_train.py).
-* `fit(...)`: the loop — restore from the latest checkpoint, step, log, evaluate,
-  checkpoint, stop on a non-finite loss.
+* `fit(...)`: the loop — lock the workdir, record or check its configuration,
+  restore from the newest checkpoint that verifies, step, log, evaluate,
+  checkpoint, stop on a non-finite loss. A run killed at any moment and
+  restarted ends with the parameters and `metrics.jsonl` rows of an
+  uninterrupted run; a finished run is not trained again.
 
 Loss functions follow `loss_fn(params, model_state, rng, batch) ->
 (loss, (model_state, metrics))`; see docs/architecture.md, "Contracts".
@@ -24,10 +27,9 @@ Loss functions follow `loss_fn(params, model_state, rng, batch) ->
 from __future__ import annotations
 
 import functools
-import time
+import os
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-from absl import logging
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jreg import checkpoint as checkpoint_lib
 from jreg import metrics as metrics_lib
+from jreg import rundir
+from jreg.errors import UserError
 
 __all__ = (
     'AXIS', 'PARALLEL_MODES', 'SCHEDULES', 'NonFiniteLossError', 'Parallel',
@@ -85,8 +89,12 @@ def learning_rate_schedule(kind: str, peak: float, num_steps: int,
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, num_steps)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
   """Raised by `fit` when a step produced a NaN or infinite loss."""
+
+
+class BatchSizeError(UserError, ValueError):
+  """A batch cannot be split evenly over the devices of the parallel mode."""
 
 
 def value_and_grad(loss_fn: LossFn) -> GradFn:
@@ -222,10 +230,11 @@ class Parallel:
     sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
     for size in sizes:
       if size % self.num_local_shards:
-        raise ValueError(
+        raise BatchSizeError(
             f'a per-process batch of {size} examples cannot be split over '
             f'{self.num_local_shards} local devices in {self.mode!r} mode; '
-            'choose a batch size divisible by the device count.')
+            f'choose a global batch size divisible by the number of devices '
+            f'({jax.device_count()}), or parallel mode \'single\'.')
 
   def get(self, tree: Any) -> Any:
     """Device state or metrics -> host NumPy (one copy, unreplicated)."""
@@ -238,6 +247,12 @@ class Parallel:
 
 def _is_finite(metrics: Mapping[str, np.ndarray]) -> bool:
   return bool(np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm']))
+
+
+def _sync(name: str) -> None:
+  """A barrier across processes (nothing in a one-process run)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def fit(*,
@@ -254,11 +269,25 @@ def fit(*,
         log_every: int = 50,
         checkpoint_every: int = 0,
         learning_rate_fn: Optional[optax.Schedule] = None,
-        tensorboard: bool = True) -> tuple[TrainState, list[dict]]:
+        tensorboard: bool = True,
+        config: Optional[Mapping[str, Any]] = None,
+        allow_config_change: bool = False,
+        restart: bool = False,
+        progress: bool = True) -> tuple[TrainState, list[dict]]:
   """Trains for `num_steps` updates, resuming from `workdir`'s latest checkpoint.
 
+  The workdir is locked while `fit` runs (`jreg.rundir.lock`: one writer per
+  workdir). A resumed run restores the newest checkpoint that verifies (a
+  damaged one is moved to `checkpoints/damaged/` and the one before is used),
+  drops the records of later steps from `metrics.jsonl`, and continues, so a
+  run killed at any moment and restarted ends with the parameters and the
+  `metrics.jsonl` rows of an uninterrupted run. A workdir whose run already
+  reached `num_steps` is not trained again: `fit` says so and returns its
+  final state and history.
+
   Args:
-    workdir: directory for checkpoints, `metrics.jsonl` and TensorBoard events.
+    workdir: directory for checkpoints, `metrics.jsonl`, `config.json` and
+      TensorBoard events.
     init_fn: `rng -> (params, model_state)`.
     grad_fn: see `value_and_grad`; or phases `[(last_step, grad_fn), ...]`
       with increasing `last_step`, each grad function used for the steps up to
@@ -277,33 +306,126 @@ def fit(*,
       a checkpoint is always written at the end).
     learning_rate_fn: the optimiser's schedule, logged as `learning_rate`.
     tensorboard: also write TensorBoard event files.
+    config: the run's configuration as a JSON-able mapping (e.g.
+      `ConfigDict.to_dict()`), recorded in `workdir/config.json` on the first
+      start and compared on every later one (`jreg.rundir.check_config`);
+      None: not recorded.
+    allow_config_change: resume under a configuration that differs from the
+      recorded one (the differences are logged and appended to
+      `config_changes.jsonl`) instead of refusing.
+    restart: start afresh: the workdir's files are moved to
+      `workdir/previous/<UTC time>/` (nothing is deleted) and training starts
+      at step 0.
+    progress: show a progress bar (tqdm; console or notebook) with steps/s,
+      the time left and the last logged loss; process 0 only.
 
   Returns:
-    `(state, history)`: the final state on the host, and the logged records.
+    `(state, history)`: the final state on the host, and every record of the
+    whole run (all segments of a resumed run), as read from `metrics.jsonl`.
 
   Raises:
     NonFiniteLossError: a step produced a NaN or infinite loss; the last good
       checkpoint is left in place and no later one is written.
+    BatchSizeError: the batch cannot be split over the devices.
+    jreg.rundir.WorkdirBusyError: another process runs in `workdir`.
+    jreg.rundir.WorkdirError: `workdir` is a file or cannot be written.
+    jreg.rundir.ConfigMismatchError: `config` differs from the recorded one.
+    jreg.checkpoint.CheckpointError: the checkpoint holds another model, or a
+      later step than `num_steps`.
   """
   par = Parallel(parallel)
-  is_primary = jax.process_index() == 0
-  writer = metrics_lib.MetricWriter(workdir, num_steps, write_files=is_primary,
-                                    tensorboard=tensorboard)
-  checkpointer = checkpoint_lib.Checkpointer(workdir)
-  host_state = init_state(init_fn, optimizer, seed)
-  start = checkpointer.latest_step()
-  if start is not None:
-    host_state, position = checkpointer.restore(host_state)
-    host_state = TrainState(*host_state)
-    train_iter.set_state(position)
-    logging.info('resumed from the checkpoint of step %d in %s', start,
-                 checkpointer.directory)
-  start = int(host_state.step)
-  state = par.put_state(host_state)
   phases = grad_fn if isinstance(grad_fn, (list, tuple)) else [(num_steps, grad_fn)]
   if any(a[0] >= b[0] for a, b in zip(phases, phases[1:])):
     raise ValueError('grad_fn phases need increasing last steps, got '
                      f'{[p[0] for p in phases]}.')
+  is_primary = jax.process_index() == 0
+  with rundir.lock(workdir) as path:
+    if restart:
+      if is_primary:
+        moved = rundir.move_aside(path)
+        if moved:
+          metrics_lib.announce(f'restart: moved the previous run in {path} to '
+                               f'{moved}; training from step 0.')
+      _sync('jreg-restart')
+    if config is not None:
+      rundir.check_config(path, config, allow_change=allow_config_change)
+    return _fit_locked(
+        path, par, phases, init_fn=init_fn, optimizer=optimizer,
+        train_iter=train_iter, num_steps=num_steps, seed=seed, eval_fn=eval_fn,
+        eval_every=eval_every, log_every=log_every,
+        checkpoint_every=checkpoint_every, learning_rate_fn=learning_rate_fn,
+        tensorboard=tensorboard, progress=progress and is_primary,
+        is_primary=is_primary)
+
+
+def _whole_history(workdir: str, segment: list[dict]) -> list[dict]:
+  """The run's records from `metrics.jsonl` (`segment` if it was not written)."""
+  _sync('jreg-history-written')
+  if os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE)):
+    return metrics_lib.read_history(workdir)
+  return list(segment)
+
+
+def _fit_locked(workdir, par, phases, *, init_fn, optimizer, train_iter,
+                num_steps, seed, eval_fn, eval_every, log_every,
+                checkpoint_every, learning_rate_fn, tensorboard, progress,
+                is_primary):
+  """`fit` once the workdir is locked and its configuration checked."""
+  say = metrics_lib.announce if is_primary else lambda message: None
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  writer = bar = None
+  try:
+    host_state = init_state(init_fn, optimizer, seed)
+    restored_step, restored, position = checkpointer.restore_latest(host_state)
+    start = 0
+    if restored_step is not None:
+      host_state, start = restored, int(restored.step)
+      if start > num_steps:
+        raise checkpoint_lib.CheckpointError(
+            f'the latest checkpoint in {checkpointer.directory} is at step '
+            f'{start}, past num_steps={num_steps}; raise num_steps, start '
+            'afresh (restart) or use another workdir.')
+      if start == num_steps:
+        say(f'the run in {workdir} is already finished (step {start} of '
+            f'{num_steps}); returning its final state and recorded history '
+            '(restart=True starts it afresh).')
+        return host_state, _whole_history(workdir, [])
+      train_iter.set_state(position)
+      say(f'resumed from the checkpoint of step {start} in '
+          f'{checkpointer.directory}.')
+    if is_primary:
+      # Steps after the checkpoint are trained and logged again.
+      metrics_lib.truncate_history(workdir, start)
+    writer = metrics_lib.MetricWriter(workdir, num_steps, write_files=is_primary,
+                                      tensorboard=tensorboard,
+                                      first_step=start + 1)
+    bar = metrics_lib.Progress(start, num_steps, enabled=progress)
+    state = par.put_state(host_state)
+    final = _train_steps(
+        par, phases, state, start, optimizer=optimizer, train_iter=train_iter,
+        num_steps=num_steps, eval_fn=eval_fn, eval_every=eval_every,
+        log_every=log_every, checkpoint_every=checkpoint_every,
+        learning_rate_fn=learning_rate_fn, checkpointer=checkpointer,
+        writer=writer, bar=bar, last_good=restored_step)
+  finally:
+    if bar is not None:
+      bar.close()
+    if writer is not None:
+      writer.close()
+    checkpointer.close()
+  return final, _whole_history(workdir, writer.history)
+
+
+def _train_steps(par, phases, state, start, *, optimizer, train_iter,
+                 num_steps, eval_fn, eval_every, log_every, checkpoint_every,
+                 learning_rate_fn, checkpointer, writer, bar, last_good):
+  """Steps `start + 1 .. num_steps`; returns the final state on the host.
+
+  A train record is written every `log_every` steps and at every checkpoint;
+  at a checkpointed step the train record and the evaluation are written
+  before the checkpoint, so a checkpoint of step S has all records of steps
+  <= S in `metrics.jsonl` (what a resume keeps) and none of a later step.
+  """
   compiled = {}
 
   def update(step, state, batch):
@@ -314,52 +436,58 @@ def fit(*,
                                                 par.axis_name))
     return compiled[index](state, batch)
 
-  def save(step, device_state):
-    checkpointer.save(step, par.get(device_state), train_iter.get_state())
+  def log(step, split, metrics):
+    bar.show(writer.write(step, split, metrics))
 
   def evaluate(step, device_state):
     host = par.get(device_state)
-    writer.write(step, 'eval', eval_fn(host.params, host.model_state))
+    log(step, 'eval', eval_fn(host.params, host.model_state))
 
   # The loop checks each step's loss one step late, so that checking never
   # stalls the device; a non-finite step is never checkpointed.
   pending = None  # (step, metrics) of the last dispatched step
   window = []     # host metrics since the last log
-  last_good = None
+  check = functools.partial(_check_and_log, par=par, log=log, window=window,
+                            log_every=log_every,
+                            learning_rate_fn=learning_rate_fn)
   try:
     for step in range(start + 1, num_steps + 1):
       # The data position after this batch is what a checkpoint at `step` saves.
       batch = par.put_batch(next(train_iter))
       state, step_metrics = update(step, state, batch)
       if pending is not None:
-        _check_and_log(pending, par, writer, window, log_every, learning_rate_fn)
+        check(pending)
       pending = (step, step_metrics)
-      if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
-        _check_and_log(pending, par, writer, window, log_every, learning_rate_fn)
+      bar.advance()
+      if step == num_steps:
+        break
+      checkpoint_now = checkpoint_every and step % checkpoint_every == 0
+      if checkpoint_now:
+        # A train record closes at every checkpoint, so that the records of a
+        # resumed run average the same steps as an uninterrupted run's.
+        check(pending, force=True)
         pending = None
-        save(step, state)
-        last_good = step
-      if eval_fn is not None and eval_every and step % eval_every == 0 and step < num_steps:
+      if eval_fn is not None and eval_every and step % eval_every == 0:
         evaluate(step, state)
+      if checkpoint_now:
+        checkpointer.save(step, par.get(state), train_iter.get_state())
+        last_good = step
     if pending is not None:
-      _check_and_log(pending, par, writer, window, log_every, learning_rate_fn,
-                     force=True)
-    if num_steps > start:
-      save(num_steps, state)
+      check(pending, force=True)
     if eval_fn is not None:
       evaluate(num_steps, state)
+    if num_steps > start:
+      checkpointer.save(num_steps, par.get(state), train_iter.get_state())
   except NonFiniteLossError as error:
-    kept = last_good if last_good is not None else start
-    raise NonFiniteLossError(
-        f'{error} The run stopped; the last good checkpoint (step {kept}) '
-        f'is kept in {checkpointer.directory}.') from None
-  finally:
-    checkpointer.close()
-    writer.close()
-  return par.get(state), writer.history
+    kept = ('no checkpoint was written yet, so a restart begins at step 0'
+            if last_good is None else
+            f'the last good checkpoint (step {last_good}) is kept in '
+            f'{checkpointer.directory}')
+    raise NonFiniteLossError(f'{error} The run stopped; {kept}.') from None
+  return par.get(state)
 
 
-def _check_and_log(pending, par, writer, window, log_every, learning_rate_fn,
+def _check_and_log(pending, *, par, log, window, log_every, learning_rate_fn,
                    force=False):
   step, device_metrics = pending
   host = par.get(device_metrics)
@@ -375,7 +503,7 @@ def _check_and_log(pending, par, writer, window, log_every, learning_rate_fn,
     record = {k: np.mean([m[k] for m in window if k in m]) for k in names}
     if learning_rate_fn is not None:
       record['learning_rate'] = learning_rate_fn(step - 1)
-    writer.write(step, 'train', record)
+    log(step, 'train', record)
     window.clear()
 
 

@@ -11,10 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import deq_wikitext as exp
+from jreg import cli
 from jreg import deq
 from jreg import train
+from jreg.models import count_params
 from jreg.models import deq_transformer as dtm
+from jreg.tasks import deq_lm
 
 TINY = dtm.TransformerConfig(
     vocab_size=50, d_model=16, n_head=2, d_head=8, d_inner=32, cutoffs=(10, 30),
@@ -200,25 +202,30 @@ def _expected_params(c: dtm.TransformerConfig) -> int:
   return embedding + softmax + c.n_layer * layer
 
 
+VOCAB = {'paper': 267_735, 'small': 33_278}  # WikiText-103 / WikiText-2
+
+
 @pytest.mark.parametrize('name', ['paper', 'paper_explicit', 'small', 'small_explicit'])
 def test_parameter_counts(name):
-  config = exp.default_config() if name.startswith('paper') else exp.small_config()
+  preset = name.split('_')[0]
+  config = cli.get_config('deq_wikitext', preset)
   if name.endswith('explicit'):
-    config = exp.explicit_config(config)
-  built = exp.build(config)
+    config = deq_lm.explicit_config(config)
+  built = deq_lm.build(config, VOCAB[preset])
   params, state = jax.eval_shape(built.init_fn, jax.random.PRNGKey(0))
-  count = dtm.count_params(params)
+  count = count_params(params)
   assert count == _expected_params(built.model_config)
   if name == 'paper':
     # Bai et al. (2019, 2021): a 98M-parameter DEQ-Transformer on WikiText-103.
     assert 97.5e6 < count < 98.5e6, count
-    m, d = config['model_mem_len'], config['model_d_model']
+    m, d = config.model.mem_len, config.model.d_model
     mem = state['deq_transformer_lm']
     assert mem['memory_z'].shape == (60, m, d)
     assert mem['memory_u'].shape == (60, m, 3 * d)
   if name == 'paper_explicit':   # the explicit counterpart is of similar size
-    deq_count = dtm.count_params(jax.eval_shape(
-        exp.build(exp.default_config()).init_fn, jax.random.PRNGKey(0))[0])
+    deq_count = count_params(jax.eval_shape(
+        deq_lm.build(cli.get_config('deq_wikitext'), VOCAB['paper']).init_fn,
+        jax.random.PRNGKey(0))[0])
     assert abs(count - deq_count) / deq_count < 0.03
 
 
@@ -227,14 +234,18 @@ def test_bad_configurations_are_rejected():
     dtm.TransformerConfig(d_model=16, n_head=3, d_head=5)
   with pytest.raises(ValueError, match='architecture'):
     dtm.TransformerConfig(architecture='rnn')
-  with pytest.raises(ValueError, match='train_pretrain_steps'):
-    exp._check(dict(exp.small_config(), train_pretrain_steps=10_000))
+  with pytest.raises(cli.ConfigError, match='deq.pretrain_steps'):
+    cli.get_config('deq_wikitext', 'small', {'deq.pretrain_steps': 10_000})
+  with pytest.raises(cli.ConfigError, match='gamma'):
+    cli.get_config('deq_wikitext', 'small', {'jacobian.weight': -1.0})
 
 
 def test_jacobian_weight_schedule_steps_from_init_to_final():
-  config = dict(exp.default_config(), train_pretrain_steps=100, train_steps=1000,
-                jacobian_weight_init=1.6, jacobian_weight_final=2.5)
-  values = np.array([float(exp.jacobian_weight(s, config)) for s in range(0, 1001, 10)])
+  config = cli.get_config('deq_wikitext', 'paper', {
+      'deq.pretrain_steps': 100, 'num_steps': 1000, 'jacobian.weight': 1.6,
+      'jacobian.weight_final': 2.5})
+  values = np.array([float(deq_lm.jacobian_weight(s, config))
+                     for s in range(0, 1001, 10)])
   np.testing.assert_allclose(values[:11], 1.6, rtol=1e-6)       # pre-training and start
   np.testing.assert_allclose(values[-1], 2.5, rtol=1e-6)
   assert np.all(np.diff(values) >= -1e-6)
@@ -248,11 +259,11 @@ def test_jacobian_weight_schedule_steps_from_init_to_final():
 def test_data_parallel_modes_keep_per_stream_memory():
   """Two jreg.train steps in 'pmap' and 'sharded' modes (4 devices) give the
   parameters and the per-stream memory of the 'single' mode."""
-  config = dict(exp.quickstart_config(), vocab_size=50, train_batch_size=4,
-                train_seq_len=6, model_cutoffs=(), model_div_val=1, model_dropout=0.0,
-                model_dropatt=0.0, model_mem_len=6, model_architecture='transformer_xl',
-                model_n_layer=1)
-  built = exp.build(config)
+  config = cli.get_config('deq_wikitext', 'quickstart', {
+      'batch_size': 4, 'data.seq_len': 6, 'model.cutoffs': (), 'model.div_val': 1,
+      'model.dropout': 0.0, 'model.dropatt': 0.0, 'model.mem_len': 6,
+      'model.architecture': 'transformer_xl', 'model.n_layer': 1})
+  built = deq_lm.build(config, vocab_size=50)
   rng = np.random.default_rng(5)
   batches = [{'inputs': rng.integers(0, 50, (4, 6)).astype(np.int32),
               'targets': rng.integers(0, 50, (4, 6)).astype(np.int32)} for _ in range(2)]
@@ -281,16 +292,17 @@ def test_data_parallel_modes_keep_per_stream_memory():
 # The experiment end to end on WikiText-2.
 
 def test_experiment_runs_end_to_end(tmp_path, shared_data):
+  from experiments import deq_wikitext  # pylint: disable=g-import-not-at-top
   # Logging every 2 steps mixes the pre-training step 1 and the DEQ step 2 in
   # one record (both phases report the same metric names).
-  config = dict(exp.quickstart_config(), dataset_dir=str(shared_data),
-                train_steps=3, train_pretrain_steps=1, eval_max_batches=2,
-                jacobian_probability=1.0, log_every=2)
-  results = exp.run(config, str(tmp_path))
+  config = cli.get_config('deq_wikitext', 'quickstart', {
+      'data.dir': str(shared_data), 'num_steps': 3, 'deq.pretrain_steps': 1,
+      'eval_max_batches': 2, 'jacobian.probability': 1.0, 'log_every': 2})
+  results = cli.execute('deq_wikitext', deq_wikitext.run, config, str(tmp_path))
   assert math.isfinite(results['valid_ppl']) and results['valid_ppl'] > 1
   assert results['valid_tokens'] == 2 * 4 * 16
   assert results['train_forward_nfe_mean'] >= 1
-  for name in ('results.json', 'metrics.jsonl', 'training.png'):
+  for name in ('results.json', 'metrics.jsonl', 'training.png', 'config.json'):
     assert os.path.isfile(tmp_path / name)
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   train = [r for r in records if r['split'] == 'train']
@@ -300,3 +312,7 @@ def test_experiment_runs_end_to_end(tmp_path, shared_data):
   assert train[1]['jacobian_applied'] == 1.0 and train[1]['jacobian_loss'] > 0
   assert train[1]['backward_nfe'] >= 1
   assert [r['step'] for r in records if r['split'] == 'eval'] == [3]
+  # Run again once finished: the same report, no row added.
+  assert cli.execute('deq_wikitext', deq_wikitext.run, config,
+                     str(tmp_path)) == results
+  assert [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')] == records

@@ -1,67 +1,114 @@
-"""The quickstart end to end on tiny configs, and the command-line contract."""
+"""The command line of the experiments: refusals, one writer per workdir, quickstart.
+
+Every refusal is checked through a real `python -m experiments.NAME` process:
+one sentence on stderr (one `FATAL` line), a non-zero exit status, no
+traceback, and nothing trained.
+"""
+import concurrent.futures
 import json
+import os
 import subprocess
 import sys
-
-import pytest
+import time
 
 from experiments import quickstart
-from experiments import synthetic_mlp
-from jreg import metrics as metrics_lib
+from jreg import cli
+from jreg import rundir
+
+QUICK = '--config=experiments/configs/{}.py:quickstart'
 
 
-def test_synthetic_mlp_fits_the_cubic(tmp_path):
-  results = synthetic_mlp.run(dict(epochs=3, learning_rate=1e-2, log_every=32),
-                              str(tmp_path))
-  # The target's variance is about 4; three epochs get well below it.
-  assert results['validation_mse'] < 1.0
-  assert (tmp_path / 'fit.png').stat().st_size > 10_000
-  records = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
-  assert records[-1]['split'] == 'eval'
+def _command(name, *args, timeout=300):
+  return subprocess.run([sys.executable, '-m', f'experiments.{name}', *args],
+                        capture_output=True, text=True, timeout=timeout)
 
 
-def test_quickstart_runs_and_summarises(tmp_path):
-  summary = quickstart.run(str(tmp_path), only=('synthetic_mlp',),
-                           config_overrides={'synthetic_mlp': {'epochs': 1}})
-  assert set(summary) == {'synthetic_mlp'}
-  assert json.loads((tmp_path / 'summary.json').read_text())['synthetic_mlp']
-  # Without the offline files, data experiments are skipped with the reason.
-  skipped = quickstart.run(str(tmp_path / 'nodata'), only=('igr_mnist_sweep',),
-                           data_dir=str(tmp_path))
-  assert 'train-images-idx3-ubyte.gz' in skipped['igr_mnist_sweep']['skipped']
-  with pytest.raises(ValueError, match='unknown experiments'):
-    quickstart.run(str(tmp_path), only=('nonsense',))
+def _one_sentence(result, fragment):
+  """The process failed with exactly one FATAL line containing `fragment`."""
+  stderr = result.stderr
+  assert result.returncode != 0, stderr[-2000:]
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  fatal = [line for line in stderr.splitlines() if 'FATAL' in line]
+  assert len(fatal) == 1, stderr[-2000:]
+  assert fragment in fatal[0], fatal[0]
+  return fatal[0]
 
 
-def _cli(*args):
-  return subprocess.run([sys.executable, '-m', *args], capture_output=True,
-                        text=True, timeout=120)
+def test_bad_flags_are_refused_with_one_sentence(tmp_path):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('not a directory')
+  busy = tmp_path / 'changed'
+  # A workdir whose saved config differs from the command's.
+  saved = cli.get_config('deq_synthetic', 'quickstart', {'learning_rate': 0.5})
+  rundir.check_config(str(busy), saved.to_dict())
+  work = f'--workdir={tmp_path / "w"}'
+  synthetic = ('deq_synthetic', QUICK.format('deq_synthetic'))
+  cases = [  # (experiment, args, fragment of the sentence)
+      (*synthetic, '--config.seed=abc', work, 'config.seed=abc'),
+      (*synthetic, '--config.seed=-1', work, 'seed must be >= 0'),
+      (*synthetic, '--config.learning_rate=-1', work, 'learning_rate must be > 0'),
+      (*synthetic, '--config.num_steps=0', work, 'num_steps must be >= 1'),
+      (*synthetic, '--config.jacobian.probability=1.5', work, 'in [0, 1]'),
+      (*synthetic, '--config.sweep.jacobian_weight=(-1.0,)', work, 'gamma'),
+      (*synthetic, '--config.parallel=sharded', '--config.batch_size=66', work,
+       'divisible by the 4 devices'),
+      (*synthetic, f'--workdir={a_file}', 'is a file'),
+      (*synthetic, f'--workdir={a_file / "sub"}', str(a_file)),
+      (*synthetic, '--workdir is required'),
+      (*synthetic, work, 'unexpected', 'unexpected arguments'),
+      (*synthetic, f'--workdir={busy}', 'learning_rate'),
+      ('deq_synthetic', '--config=experiments/configs/deq_synthetic.py:huge', work,
+       "unknown preset 'huge'"),
+      ('deq_synthetic', '--epochs=3', work, "Unknown command line flag 'epochs'"),
+      ('deq_wikitext', QUICK.format('deq_wikitext'), '--config.jacobian.weight=-1',
+       work, 'jacobian.weight (gamma) must be >= 0'),
+      ('deq_cifar10', QUICK.format('deq_cifar10'), '--config.model.num_classes=3',
+       work, 'has 3 classes but the data has 10 labels'),
+      ('quickstart', work, '--config.learning_rate=-1', "no key 'learning_rate'"),
+      ('quickstart', work, '--config.only=nonsense', 'unknown experiments'),
+  ]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(lambda case: _command(*case[:-1]), cases))
+  for case, result in zip(cases, results):
+    _one_sentence(result, case[-1])
+  assert not (tmp_path / 'w').exists()  # nothing was started
+  assert json.loads((busy / 'config.json').read_text())['learning_rate'] == 0.5
 
 
-def test_bad_flags_give_one_sentence_and_nonzero_exit(tmp_path):
-  result = _cli('experiments.synthetic_mlp', f'--workdir={tmp_path}', '--epochs=0')
-  assert result.returncode != 0
-  assert 'must be positive' in result.stderr
-  assert 'Traceback' not in result.stderr
-  result = _cli('experiments.synthetic_mlp')
-  assert result.returncode != 0 and '--workdir is required' in result.stderr
+def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
+  workdir = tmp_path / 'run'
+  args = (QUICK.format('deq_synthetic'), f'--workdir={workdir}',
+          '--config.num_steps=100000')
+  first = subprocess.Popen([sys.executable, '-m', 'experiments.deq_synthetic',
+                            *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 240
+    while not (workdir / '.lock').exists():
+      assert first.poll() is None, 'the first run ended early'
+      assert time.monotonic() < deadline, 'the first run never locked its workdir'
+      time.sleep(0.2)
+    second = _command('deq_synthetic', *args)
+    sentence = _one_sentence(second, f'in use by process {first.pid}')
+    assert 'host' in sentence
+    assert first.poll() is None  # the first run goes on
+  finally:
+    first.kill()
+    first.wait()
 
 
-def test_missing_data_gives_one_sentence_and_nonzero_exit(tmp_path):
-  result = _cli('experiments.igr_mnist_sweep', f'--workdir={tmp_path / "run"}',
-                f'--data_dir={tmp_path}', '--num_steps=1')
-  assert result.returncode != 0, result.stderr[-2000:]
-  message = [line for line in result.stderr.splitlines()
-             if 'train-images-idx3-ubyte.gz is missing' in line]
-  assert len(message) == 1 and "source='auto'" in message[0], result.stderr[-2000:]
-  assert 'Traceback' not in result.stderr
-
-
-def test_nan_loss_stops_the_command_with_one_sentence(tmp_path):
-  result = _cli('experiments.synthetic_mlp', f'--workdir={tmp_path}', '--epochs=1',
-                '--learning_rate=1e30', '--checkpoint_every=8', '--log_every=1')
-  assert result.returncode == 1, result.stderr[-2000:]
-  assert 'non-finite loss' in result.stderr and 'Traceback' not in result.stderr
-  assert 'last good checkpoint' in result.stderr
-  # What was written before the failure is still there.
-  assert (tmp_path / 'metrics.jsonl').stat().st_size > 0
+def test_quickstart_runs_forwards_data_settings_and_reports(tmp_path):
+  config = cli.get_config('quickstart', 'quickstart',
+                          {'only': 'synthetic_mlp,igr_mnist_sweep',
+                           'data.dir': str(tmp_path / 'no_data')})
+  summary = quickstart.run(config, str(tmp_path),
+                           overrides={'synthetic_mlp': {'num_steps': 8,
+                                                        'log_every': 4}})
+  assert set(summary) == {'synthetic_mlp', 'igr_mnist_sweep'}
+  assert summary['synthetic_mlp']['validation_mse'] > 0
+  # data.dir reached the experiment: its files are missing there, so it is
+  # skipped with the sentence saying how to get them.
+  assert 'no_data' in summary['igr_mnist_sweep']['skipped']
+  saved = json.loads((tmp_path / 'summary.json').read_text())
+  assert set(saved) == set(summary)
+  assert os.path.isfile(tmp_path / 'synthetic_mlp' / 'config.json')

@@ -528,9 +528,12 @@ def test_bad_options_raise():
 
 def test_gradient_noise_bias_experiment(tmp_path, shared_data):
   from experiments import gradient_noise_bias  # pylint: disable=g-import-not-at-top
-  config = dict(train_examples=400, chunk_size=200, batch_sizes=[8, 40],
-                num_draws=40, train_steps=0, width=16,
-                data_dir=str(shared_data))
+  from jreg import cli  # pylint: disable=g-import-not-at-top
+  config = cli.get_config('gradient_noise_bias', 'quickstart', {
+      'data.train_examples': 400, 'measure.chunk_size': 200,
+      'measure.batch_sizes': (8, 40), 'measure.num_draws': 40,
+      'num_steps': 4, 'log_every': 2, 'batch_size': 40, 'model.width': 16,
+      'data.dir': str(shared_data)})
   results = gradient_noise_bias.run(config, str(tmp_path))
   assert (tmp_path / 'results.json').exists()
   assert (tmp_path / 'gradient_noise_bias.png').exists()
@@ -540,6 +543,6 @@ def test_gradient_noise_bias_experiment(tmp_path, shared_data):
     assert abs(row['naive_bias'] - row['predicted_naive_bias']) < 4 * row['naive_se']
     assert abs(row['unbiased_bias'] - row['predicted_unbiased_bias']) < (
         4 * row['unbiased_se'])
-  with pytest.raises(ValueError, match='even'):
-    gradient_noise_bias.check_config(dict(gradient_noise_bias.default_config(),
-                                          batch_sizes=[7]))
+  with pytest.raises(cli.ConfigError, match='even'):
+    cli.get_config('gradient_noise_bias', 'quickstart',
+                   {'measure.batch_sizes': (7,)})

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from jreg import gradient_regularization as gr
+from jreg.models import count_params
 
 METHODS = gr.METHODS
 
@@ -160,7 +161,7 @@ def test_finite_difference_error_is_first_order_in_epsilon():
 def test_r_ig_bookkeeping():
   params, x, y = _mlp_problem(np.float32)
   grads = jax.grad(_mlp_loss)(params, x, y)
-  m = gr.num_parameters(params)
+  m = count_params(params)
   assert m == 3 * 8 + 8 + 8 * 2
   norm_sq = sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads))
   np.testing.assert_allclose(gr.gradient_norm_sq(grads), norm_sq, rtol=1e-6)
@@ -319,7 +320,7 @@ def test_grad_fn_metrics_and_zero_coefficient():
   params, state, batch = _bn_setup()
   rng = jax.random.PRNGKey(1)
   h, mu = 0.1, 0.25
-  m = gr.num_parameters(params)
+  m = count_params(params)
   plain = jax.jit(jax.grad(lambda p: _bn_loss(p, state, rng, batch)[0]))(params)
   norm_sq = float(gr.gradient_norm_sq(plain))
   grad_fn = jax.jit(gr.gradient_penalty_grad_fn(

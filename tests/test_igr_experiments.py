@@ -1,7 +1,9 @@
-"""Tests of the IGR/EGR experiments, the CIFAR ResNets and the benchmark, each
-run end to end on a tiny configuration."""
+"""The IGR/EGR experiments end to end at their quickstart presets, their
+restart guarantees (re-run, killed and restarted at two moments), the library
+tasks they are built from, and the CIFAR ResNets."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,43 +14,64 @@ from experiments import bench_gradient_penalty
 from experiments import egr_cifar10
 from experiments import igr_mnist_sweep
 from experiments import igr_two_parameter
+from experiments import synthetic_mlp
+from jreg import cli
 from jreg import data
-from jreg import gradient_regularization as gr
+from jreg import metrics as metrics_lib
+from jreg import train
+from jreg.models import count_params
 from jreg.models import resnet
+from jreg.tasks import igr
 
 
-# --- the two-parameter model --------------------------------------------------
+class Killed(Exception):
+  """Stands for the process being killed at an injected moment."""
+
+
+def _config(name, shared_data=None, **overrides):
+  if shared_data is not None:
+    overrides['data.dir'] = str(shared_data)
+  return cli.get_config(name, 'quickstart', overrides)
+
+
+def _runs(workdir):
+  """`{run name: metrics.jsonl records}` of a multi-run experiment."""
+  root = os.path.join(workdir, 'runs')
+  return {name: metrics_lib.read_jsonl(os.path.join(root, name, 'metrics.jsonl'))
+          for name in sorted(os.listdir(root))}
+
+
+# --- the two-parameter model (quickstart preset, shorter horizon) -------------
 
 
 @pytest.fixture(scope='module')
-def two_parameter_results(tmp_path_factory):
+def two_parameter(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('igr_two_parameter'))
-  config = dict(igr_two_parameter.quickstart_config(), horizon=10.0,
-                endpoint_learning_rates=[0.005, 0.02, 0.04, 0.06])
-  return igr_two_parameter.run(config, workdir), workdir
+  config = _config('igr_two_parameter', horizon=10.0,
+                   **{'endpoints.learning_rates': (0.005, 0.02, 0.04, 0.06)})
+  igr_two_parameter.run(config, workdir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f), config, workdir
 
 
-def test_two_parameter_error_orders(two_parameter_results):
+def test_two_parameter_error_orders(two_parameter):
   """Backward error analysis: ‖GD − exact flow‖ = O(h), ‖GD − modified‖ = O(h²)."""
-  results, workdir = two_parameter_results
+  results, _, workdir = two_parameter
   assert abs(results['slope_exact_flow'] - 1.0) < 0.25
   assert abs(results['slope_modified_flow'] - 2.0) < 0.25
   # At every h, GD is nearer the modified flow than the exact one.
   assert all(m < e for m, e in zip(results['error_to_modified_flow'],
                                    results['error_to_exact_flow']))
-  for name in ('results.json', 'phase_plane.png', 'error_orders.png',
-               'endpoints.png'):
-    assert os.path.getsize(os.path.join(workdir, name)) > 0
-  with open(os.path.join(workdir, 'results.json')) as f:
-    assert json.load(f)['slope_modified_flow'] == results['slope_modified_flow']
+  for name in ('phase_plane.png', 'error_orders.png', 'endpoints.png'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 10_000
 
 
-def test_two_parameter_larger_h_ends_nearer_flattest_minimum(two_parameter_results):
-  results, _ = two_parameter_results
+def test_two_parameter_larger_h_ends_nearer_flattest_minimum(two_parameter):
+  results, config, _ = two_parameter
   ends = results['endpoints']
-  x, y = results['config']['x'], results['config']['y']
   for end in ends:  # every run converged onto the curve of minima a·b = y/x
-    assert end['a'] * end['b'] == pytest.approx(y / x, rel=1e-6)
+    assert end['a'] * end['b'] == pytest.approx(config.data.y / config.data.x,
+                                                rel=1e-6)
   distances = [e['distance_to_flattest'] for e in ends]
   norms = [e['param_norm'] for e in ends]
   assert all(np.diff(distances) < 0), distances
@@ -60,100 +83,211 @@ def test_two_parameter_larger_h_ends_nearer_flattest_minimum(two_parameter_resul
           < results['moderate_gd_to_exact_flow'])
 
 
-def test_two_parameter_rejects_bad_config(tmp_path):
-  with pytest.raises(ValueError, match='moderate_learning_rate'):
-    igr_two_parameter.run(dict(moderate_learning_rate=-0.1), str(tmp_path))
-  with pytest.raises(ValueError, match='diverged'):
-    igr_two_parameter.run(dict(igr_two_parameter.quickstart_config(),
-                               endpoint_learning_rates=[0.5]), str(tmp_path))
+def test_two_parameter_refuses_bad_settings(tmp_path):
+  with pytest.raises(cli.ConfigError, match='phase_plane.moderate_learning_rate'):
+    _config('igr_two_parameter', **{'phase_plane.moderate_learning_rate': -0.1})
+  with pytest.raises(cli.ConfigError, match='orders.num_steps'):
+    _config('igr_two_parameter', **{'orders.num_steps': (20, 40.5, 80)})
+  with pytest.raises(igr.DivergenceError, match='diverged'):
+    igr_two_parameter.run(_config('igr_two_parameter', rk4_substeps=100, **{
+        'endpoints.learning_rates': (0.5,)}), str(tmp_path))
 
 
-# --- MNIST sweep --------------------------------------------------------------
+# --- R_IG of a training set and the summaries --------------------------------
 
 
 def test_full_batch_gradient_accumulates_masked_batches(shared_data):
-  model = igr_mnist_sweep.mlp(8, 3)
-  arrays = {k: v[:300] for k, v in data.load_mnist(
-      'train', data_dir=str(shared_data)).items()}
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  task = igr.mnist_mlp_task(8, 3)
+  assert task.num_params == 784 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10
+  arrays = data.first_examples(data.load_mnist('train', data_dir=str(shared_data)),
+                               300)
+  params, _ = task.init(jax.random.PRNGKey(0))
+  assert count_params(params) == task.num_params
   # Batches of 128: the last one is padded (mask) in eval mode.
-  got = igr_mnist_sweep.full_batch_gradient(
-      model, params, data.mnist_iterator('train', 128, mode='eval',
-                                         arrays=arrays))
+  got = igr.full_batch_gradient(task.summed_gradient, params, {},
+                                data.mnist_iterator('train', 128, mode='eval',
+                                                    arrays=arrays))
   whole = next(data.mnist_iterator('train', 300, mode='eval', arrays=arrays))
-  loss_fn = igr_mnist_sweep.classification_loss(model)
-  expected = jax.jit(jax.grad(lambda p: loss_fn(p, {}, None, whole)[0]))(params)
+  del whole['mask']
+  expected = jax.jit(jax.grad(lambda p: task.loss_fn(p, {}, None, whole)[0]))(params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_mnist_sweep_tiny(tmp_path, shared_data):
-  config = dict(igr_mnist_sweep.quickstart_config(), widths=[16],
-                learning_rates=[0.1], egr_coefficients=[0.01], egr_widths=[16],
-                egr_learning_rates=[0.1], num_steps=6, batch_size=128,
-                train_examples=512, test_examples=256, eval_batch_size=256,
-                log_every=3, data_dir=str(shared_data))
-  results = igr_mnist_sweep.run(config, str(tmp_path))
-  runs = results['runs']
-  assert [(r['width'], r['egr_coefficient']) for r in runs] == [(16, 0.0),
-                                                               (16, 0.01)]
-  m = 784 * 16 + 16 + 3 * (16 * 16 + 16) + 16 * 10 + 10
-  for r in runs:
-    assert r['num_params'] == m
-    assert r['igr_rate'] == pytest.approx(0.1 * m / 4)
-    assert r['egr_rate'] == pytest.approx(r['egr_coefficient'] * m)
-    assert 0 < r['r_ig'] < np.inf
-    assert 0 <= r['test_accuracy'] <= 1 and 0 <= r['train_accuracy'] <= 1
-  # Six SGD steps already learn something (chance level: loss ln 10).
-  assert runs[0]['final_train_loss'] < np.log(10)
-  # The per-step metrics written by fit carry the IGR quantities.
-  with open(tmp_path / 'runs' / 'width16_lr0.1_mu0' / 'metrics.jsonl') as f:
-    record = json.loads(f.readline())
-  for key in ('r_ig', 'grad_norm_sq', 'igr_rate', 'penalty'):
-    assert key in record
-  assert record['igr_rate'] == pytest.approx(0.1 * m / 4, rel=1e-6)
-  assert record['r_ig'] * m == pytest.approx(record['grad_norm_sq'], rel=1e-5)
-  summary = results['summary']
-  assert summary['num_runs'] == 2
-  if summary['best_at_full_train_accuracy'] is None:
-    assert summary['message'].startswith('no run reached 100%')
-  assert os.path.getsize(tmp_path / 'r_ig_and_test_accuracy_vs_rate.png') > 0
-
-
-def test_mnist_summary_picks_best_among_perfect_runs():
+def test_summaries():
   runs = [dict(width=50, learning_rate=0.1, egr_coefficient=0.0, igr_rate=1.0,
                train_accuracy=1.0, test_accuracy=0.97),
           dict(width=50, learning_rate=0.2, egr_coefficient=0.0, igr_rate=2.0,
                train_accuracy=0.99, test_accuracy=0.98),
-          dict(width=100, learning_rate=0.2, egr_coefficient=0.0, igr_rate=4.0,
-               train_accuracy=1.0, test_accuracy=0.975)]
-  summary = igr_mnist_sweep.summarize(runs)
+          dict(width=100, learning_rate=0.2, egr_coefficient=0.01, igr_rate=4.0,
+               train_accuracy=1.0, test_accuracy=0.985)]
+  summary = igr.summarize_sweep(runs)
   assert summary['best_at_full_train_accuracy'] is runs[2]
   assert summary['num_at_full_train_accuracy'] == 2
-  assert summary['best_test_accuracy_overall'] == 0.98
+  assert summary['best_test_accuracy_overall'] == 0.985
+  egr = igr.summarize_egr(runs)
+  assert egr['by_coefficient']['0'] == dict(
+      mean_test_accuracy=pytest.approx(0.975), std_test_accuracy=pytest.approx(0.005),
+      num_seeds=2)
+  assert egr['best_coefficient'] == 0.01
+  assert egr['plain_mean_test_accuracy'] == pytest.approx(0.975)
 
 
-def test_mnist_rejects_bad_config(tmp_path):
-  with pytest.raises(ValueError, match='learning_rates'):
-    igr_mnist_sweep.run(dict(learning_rates=[0.0]), str(tmp_path))
-  with pytest.raises(ValueError, match='egr_coefficients'):
-    igr_mnist_sweep.run(dict(egr_coefficients=[-1.0]), str(tmp_path))
+# --- the MNIST sweep: end to end, re-run, killed and restarted ----------------
+
+
+def _sweep_config(shared_data):
+  """Two runs (plain and EGR) of a narrow MLP, a checkpoint every 3 steps."""
+  return _config('igr_mnist_sweep', shared_data, num_steps=6, batch_size=128,
+                 eval_batch_size=256, log_every=1, checkpoint_every=3,
+                 **{'sweep.model_width': (16,), 'sweep.learning_rate': (0.1,),
+                    'sweep.regularizer_coefficient': (0.0, 0.01),
+                    'data.train_examples': 512, 'data.eval_examples': 256})
+
+
+@pytest.fixture(scope='module')
+def sweep(tmp_path_factory, shared_data):
+  """An uninterrupted run of the sweep: (config, workdir, results.json text)."""
+  config = _sweep_config(shared_data)
+  workdir = str(tmp_path_factory.mktemp('sweep'))
+  igr_mnist_sweep.run(config, workdir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return config, workdir, f.read()
+
+
+def _same_as_uninterrupted(sweep, workdir):
+  _, reference, results = sweep
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert f.read() == results
+  assert _runs(workdir) == _runs(reference)  # every row, no duplicates
+  for figure in ('r_ig_and_test_accuracy_vs_rate.png', 'training_curves.png'):
+    with open(os.path.join(workdir, figure), 'rb') as f, \
+        open(os.path.join(reference, figure), 'rb') as g:
+      assert f.read() == g.read(), figure
+
+
+def test_mnist_sweep_end_to_end(sweep):
+  _, workdir, text = sweep
+  runs = json.loads(text)['runs']
+  assert list(runs) == ['learning_rate=0.1,model_width=16,regularizer_coefficient=0',
+                        'learning_rate=0.1,model_width=16,regularizer_coefficient=0.01']
+  m = 784 * 16 + 16 + 3 * (16 * 16 + 16) + 16 * 10 + 10
+  for r in runs.values():
+    assert r['num_params'] == m
+    assert r['igr_rate'] == pytest.approx(0.1 * m / 4)
+    assert r['egr_rate'] == pytest.approx(r['egr_coefficient'] * m)
+    assert 0 < r['r_ig'] < np.inf and 0 <= r['test_accuracy'] <= 1
+    assert r['final_train_loss'] < np.log(10)  # chance level: ln 10
+  for records in _runs(workdir).values():
+    assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6, 6]
+    train_record, final = records[0], records[-1]
+    # The logged R_IG is of the step's minibatch gradient: ‖∇L‖²/m.
+    assert train_record['r_ig'] * m == pytest.approx(train_record['grad_norm_sq'],
+                                                     rel=1e-5)
+    assert train_record['igr_rate'] == pytest.approx(0.1 * m / 4, rel=1e-6)
+    assert final['split'] == 'eval' and final['r_ig'] * m == pytest.approx(
+        final['grad_norm_sq'], rel=1e-6)
+  assert json.loads(text)['summary']['num_runs'] == 2
+  for name in ('r_ig_and_test_accuracy_vs_rate.png', 'training_curves.png'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 10_000
+
+
+def test_mnist_sweep_run_twice_reports_the_same(sweep, tmp_path):
+  config, workdir, _ = sweep
+  igr_mnist_sweep.run(config, workdir)  # returns normally, trains nothing
+  _same_as_uninterrupted(sweep, workdir)
+  # A finished run whose metrics.jsonl is gone cannot be reported: one sentence.
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy)
+  (copy / 'runs' / next(iter(_runs(workdir))) / 'metrics.jsonl').unlink()
+  with pytest.raises(igr.RunRecordError, match='no evaluation record at step 6'):
+    igr_mnist_sweep.run(config, str(copy))
+
+
+def test_mnist_sweep_killed_after_a_run_finished(sweep, tmp_path, monkeypatch):
+  fit, calls = train.fit, []
+
+  def fit_killed_at_second_run(**kwargs):
+    calls.append(kwargs['workdir'])
+    if len(calls) == 2:
+      raise Killed()
+    return fit(**kwargs)
+
+  monkeypatch.setattr(train, 'fit', fit_killed_at_second_run)
+  with pytest.raises(Killed):
+    igr_mnist_sweep.run(sweep[0], str(tmp_path))
+  monkeypatch.setattr(train, 'fit', fit)
+  igr_mnist_sweep.run(sweep[0], str(tmp_path))
+  _same_as_uninterrupted(sweep, str(tmp_path))
+
+
+class KilledAfter:
+  """A training iterator that is 'killed' when asked for batch `n + 1`."""
+
+  def __init__(self, inner, n):
+    self.inner, self.left = inner, n
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.left == 0:
+      raise Killed()
+    self.left -= 1
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def test_mnist_sweep_killed_mid_run(sweep, tmp_path, monkeypatch):
+  make_iterator, made = data.mnist_iterator, []
+
+  def first_run_killed_at_step_6(*args, **kwargs):
+    iterator = make_iterator(*args, **kwargs)
+    if kwargs.get('mode', 'train') == 'train' and not made:
+      made.append(iterator)
+      return KilledAfter(iterator, 5)
+    return iterator
+
+  monkeypatch.setattr(data, 'mnist_iterator', first_run_killed_at_step_6)
+  with pytest.raises(Killed):
+    igr_mnist_sweep.run(sweep[0], str(tmp_path))
+  killed = _runs(str(tmp_path))
+  # Rows up to step 4 were written; the checkpoint is of step 3.
+  assert [r['step'] for r in next(iter(killed.values()))] == [1, 2, 3, 4]
+  monkeypatch.setattr(data, 'mnist_iterator', make_iterator)
+  igr_mnist_sweep.run(sweep[0], str(tmp_path))
+  _same_as_uninterrupted(sweep, str(tmp_path))
+
+
+def test_mnist_sweep_refuses_bad_settings(tmp_path):
+  for key, value, words in (
+      ('sweep.learning_rate', (0.1, 0.0), 'sweep.learning_rate'),
+      ('sweep.regularizer_coefficient', (-1.0,), 'regularizer.coefficient'),
+      ('sweep.model_width', (16.5,), 'sweep.model_width'),
+      ('regularizer.method', 'exact', 'regularizer.method'),
+      ('data.train_examples', 100, 'smaller than one batch')):
+    with pytest.raises(cli.ConfigError, match=words):
+      _config('igr_mnist_sweep', **{key: value})
+  with pytest.raises(cli.ConfigError, match='no_such_key'):
+    _config('igr_mnist_sweep', no_such_key=1)
+  config = _config('igr_mnist_sweep')
+  config.model.num_layers = 0  # a config changed after loading is checked by run
+  with pytest.raises(cli.ConfigError, match='model.num_layers'):
+    igr_mnist_sweep.run(config, str(tmp_path))
 
 
 # --- ResNets and the CIFAR-10 EGR experiment ---------------------------------
 
 
-def _count(name):
-  model = resnet.make(name)
-  params, state = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), True))
-  return gr.num_parameters(params), state
-
-
 def test_resnet_parameter_counts():
   # ResNet-20 (He et al. 2016, Table 6: 0.27M) and the CIFAR ResNet-18 (11.17M).
-  assert _count('resnet20')[0] == 269_722
-  assert _count('resnet18')[0] == 11_173_962
+  assert igr.cifar_resnet_task('resnet20').num_params == 269_722
+  assert igr.cifar_resnet_task('resnet18').num_params == 11_173_962
   with pytest.raises(ValueError, match='6n'):
     resnet.cifar_resnet(10)
 
@@ -181,44 +315,53 @@ def test_resnet_batch_norm_state():
   assert not np.allclose(eval_logits, logits, atol=1e-3)
 
 
-def test_egr_cifar10_tiny(tmp_path, shared_data):
-  config = dict(egr_cifar10.quickstart_config(), num_steps=2, batch_size=8,
-                train_examples=64, test_examples=32, eval_batch_size=32,
-                data_dir=str(shared_data))
-  results = egr_cifar10.run(config, str(tmp_path))
-  runs = results['runs']
+def test_egr_cifar10_quickstart(tmp_path, shared_data):
+  egr_cifar10.run(_config('egr_cifar10', shared_data), str(tmp_path))
+  with open(tmp_path / 'results.json') as f:
+    results = json.load(f)
+  runs = list(results['runs'].values())
   assert [r['egr_coefficient'] for r in runs] == [0.0, 0.01]
   for r in runs:
-    assert r['model'] == 'resnet8'
+    assert r['model'] == 'resnet8' and r['num_params'] == 75_290
     assert np.isfinite(r['final_train_loss']) and r['final_r_ig'] > 0
     assert 0 <= r['test_accuracy'] <= 1
   # Same seed and data: the penalty is the only difference between the runs.
   assert runs[0]['param_norm'] != runs[1]['param_norm']
-  assert results['summary']['resnet8']['plain_test_accuracy'] == runs[0]['test_accuracy']
-  assert os.path.getsize(tmp_path / 'test_accuracy_vs_mu.png') > 0
+  assert results['summary']['plain_mean_test_accuracy'] == runs[0]['test_accuracy']
+  assert os.path.getsize(tmp_path / 'test_accuracy_vs_mu.png') > 10_000
+  with pytest.raises(cli.ConfigError, match='model.name'):
+    _config('egr_cifar10', **{'model.name': 'vgg'})
 
 
-def test_egr_cifar10_rejects_bad_config(tmp_path):
-  with pytest.raises(ValueError, match='models'):
-    egr_cifar10.run(dict(models=['vgg']), str(tmp_path))
+# --- the synthetic MLP and the benchmark --------------------------------------
 
 
-# --- the benchmark --------------------------------------------------------------
+def test_synthetic_mlp_quickstart_fits_the_cubic(tmp_path):
+  results = synthetic_mlp.run(_config('synthetic_mlp'), str(tmp_path))
+  # The target's variance is about 4; a few epochs get well below it.
+  assert results['validation_mse'] < 1.0
+  assert (tmp_path / 'fit.png').stat().st_size > 10_000
+  records = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert records[-1]['split'] == 'eval'
+  assert records[-1]['mse'] == results['validation_mse']
+  with pytest.raises(cli.ConfigError, match='model.hidden_sizes'):
+    _config('synthetic_mlp', **{'model.hidden_sizes': (50, 0)})
 
 
 def test_benchmark_runs_every_method(tmp_path, shared_data):
-  config = dict(bench_gradient_penalty.quickstart_config(), widths=[16],
-                batch_size=32, repeats=2, steps_per_repeat=1, fd_width=16,
-                fd_epsilons=[1e-2], fd_batches=1, fd_warmup_steps=1,
-                data_dir=str(shared_data))
-  results = bench_gradient_penalty.run(config, str(tmp_path))
+  config = _config('bench_gradient_penalty', shared_data, batch_size=32, **{
+      'model.widths': (16,), 'timing.repeats': 2, 'timing.steps_per_repeat': 1,
+      'finite_difference.width': 16, 'finite_difference.epsilons': (1e-2,),
+      'finite_difference.batches': 1, 'finite_difference.warmup_steps': 1})
+  bench_gradient_penalty.run(config, str(tmp_path))
+  with open(tmp_path / 'results.json') as f:
+    results = json.load(f)
   (entry,) = results['widths']
-  assert set(entry['ratio_to_plain']) == {'plain', *gr.METHODS}
+  assert set(entry['ratio_to_plain']) == {'plain', *config.regularizer.methods}
   assert entry['ratio_to_plain']['plain'] == 1.0
   assert all(v > 0 for v in entry['median_seconds_per_step'].values())
+  assert all(entry['flops_ratio_to_plain'][m] > 1 for m in config.regularizer.methods)
   accuracy = results['finite_difference_accuracy']
   assert set(accuracy['relative_error_mean']) == {'0.01'}
-  assert all(entry['flops_ratio_to_plain'][m] > 1 for m in gr.METHODS)
   assert all(np.isfinite(v) and v > 0
              for v in accuracy['relative_error_mean'].values())
-  assert (tmp_path / 'results.json').exists()

@@ -1,4 +1,5 @@
-"""Tests of the multiscale DEQ (jreg/models/mdeq.py) and its experiments."""
+"""Tests of the multiscale DEQ (jreg/models/mdeq.py), its task (jreg/tasks/mdeq.py)
+and its experiments."""
 import json
 import math
 import os
@@ -6,11 +7,16 @@ import os
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from jreg import cli
 from jreg import deq
+from jreg import metrics as metrics_lib
+from jreg.models import count_params
 from jreg.models import mdeq
+from jreg.tasks import mdeq as mdeq_task
 
 TINY = mdeq.mdeq_config('tiny')
 IMAGE = 8  # side of the tiny configuration's images
@@ -45,10 +51,10 @@ def _expected_cell_params(cfg: mdeq.MDEQConfig) -> int:
 
 def _param_shapes(cfg: mdeq.MDEQConfig):
   """Parameter shapes of the full classifier (no allocation: eval_shape)."""
-  settings = mdeq.TrainingSettings(
+  settings = mdeq_task.TrainingSettings(
       forward=deq.SolverConfig('broyden', 4), backward=deq.BackwardConfig())
   side = cfg.image_size
-  fns = mdeq.build_classifier(cfg, settings, (side, side, 3))
+  fns = mdeq_task.build_classifier(cfg, settings, (side, side, 3))
   params, state = jax.eval_shape(fns.init_fn, jax.random.key(0))
   return params, state, fns
 
@@ -59,7 +65,7 @@ def test_parameter_counts_and_shapes(name):
   cfg = mdeq.mdeq_config(name)
   params, state, fns = _param_shapes(cfg)
   cell = {k: v for k, v in params.items() if '/deq/cell/' in k}
-  assert mdeq.count_params(cell) == _expected_cell_params(cfg)
+  assert count_params(cell) == _expected_cell_params(cfg)
   # The cell's convolutions are weight-normalised: g has one entry per output
   # channel of v.
   for module, values in cell.items():
@@ -74,7 +80,7 @@ def test_parameter_counts_and_shapes(name):
   logits, info = jax.eval_shape(fns.predict_fn, params, state, images)
   assert logits.shape == (2, cfg.num_classes)
   assert info['forward_nfe'].shape == ()
-  total = mdeq.count_params(params)
+  total = count_params(params)
   if name == 'imagenet_small':
     # MDEQ-small on ImageNet has 18M parameters (Bai et al. 2020, Table 3).
     assert abs(total - 18e6) / 18e6 < 0.05, total
@@ -242,22 +248,32 @@ def test_explicit_network_has_similar_size():
       lambda im: mdeq.ExplicitMDEQ(explicit, 4)(im, True))
   images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   explicit_params, _ = jax.eval_shape(net.init, jax.random.key(0), images)
-  n_explicit = mdeq.count_params(explicit_params)
+  n_explicit = count_params(explicit_params)
   params, _, _ = _param_shapes(cfg)
-  n_deq = mdeq.count_params(params)
+  n_deq = count_params(params)
   assert abs(n_explicit - n_deq) / n_deq < 0.3
   # Four untied cells.
   assert len([k for k in explicit_params if k.endswith('block_0/conv1')]) == 4
 
 
+def _history(workdir):
+  """The run's metrics.jsonl with phases (from its saved config.json)."""
+  with open(workdir / 'config.json') as f:
+    saved = ml_collections.ConfigDict(json.load(f))
+  return mdeq_task.with_phases(saved,
+                               metrics_lib.read_jsonl(str(workdir / 'metrics.jsonl')))
+
+
 def test_cifar10_experiment_end_to_end(tmp_path, shared_data):
   from experiments import deq_cifar10
-  config = dict(deq_cifar10.quickstart_config(), data_dir=str(shared_data),
-                model_overrides={'num_classes': 10, 'dropout': 0.2},
-                num_steps=3, pretrain_steps=1, log_every=1,
-                jacobian_weight=0.5, jacobian_weight_final=1.0)
-  results = deq_cifar10.run(config, str(tmp_path))
-  history = json.load(open(tmp_path / 'results.json'))['history']
+  config = cli.get_config('deq_cifar10', 'quickstart', {
+      'data.dir': str(shared_data), 'model.dropout': 0.2, 'num_steps': 3,
+      'deq.pretrain_steps': 1, 'log_every': 1, 'jacobian.weight': 0.5,
+      'jacobian.weight_final': 1.0})
+  results = cli.execute('deq_cifar10', deq_cifar10.run, config, str(tmp_path))
+  assert json.load(open(tmp_path / 'results.json')) == json.loads(
+      json.dumps(results))
+  history = _history(tmp_path)
   phases = [r['phase'] for r in history if r['split'] == 'train']
   assert phases == ['pretrain', 'mdeq', 'mdeq']
   deq_steps = [r for r in history if r['split'] == 'train' and
@@ -267,15 +283,15 @@ def test_cifar10_experiment_end_to_end(tmp_path, shared_data):
   assert [r['jacobian_weight'] for r in deq_steps] == pytest.approx(
       [0.5 + 0.5 / 3, 0.5 + 1.0 / 3])
   for record in deq_steps:
-    assert 1 <= record['forward_nfe'] <= config['forward_nfe']
-    assert 1 <= record['backward_nfe'] <= config['backward_nfe']
+    assert 1 <= record['forward_nfe'] <= config.deq.forward.max_iter
+    assert 1 <= record['backward_nfe'] <= config.deq.backward.max_iter
     assert record['jacobian_applied'] == 1.0  # p = 1 in this configuration
     assert record['jacobian_loss'] > 0
     assert record['loss'] == pytest.approx(
         record['cross_entropy'] +
         record['jacobian_weight'] * record['jacobian_loss'], rel=1e-5)
   assert 0 <= results['test']['accuracy'] <= 1
-  assert 1 <= results['test']['probe_nfe_to_tol'] <= config['probe_nfe']
+  assert 1 <= results['test']['probe_nfe_to_tol'] <= config.probe.max_iter
   for name in ('convergence.png', 'accuracy_vs_time.png'):
     assert os.path.getsize(tmp_path / name) > 1000
 
@@ -284,11 +300,12 @@ def test_imagenet_experiment_end_to_end(tmp_path, shared_data):
   """The ImageNet folder pipeline through the unrolled (pre-training) phase,
   with the reference's small Jacobian weight on every pre-training step."""
   from experiments import deq_imagenet
-  config = dict(deq_imagenet.quickstart_config(), data_dir=str(shared_data),
-                num_steps=2, pretrain_steps=2, probe_examples=0)
-  results = deq_imagenet.run(config, str(tmp_path))
+  config = cli.get_config('deq_imagenet', 'quickstart', {
+      'data.dir': str(shared_data), 'num_steps': 2, 'deq.pretrain_steps': 2,
+      'probe.examples': 0})
+  results = cli.execute('deq_imagenet', deq_imagenet.run, config, str(tmp_path))
   assert results['num_classes'] == 10  # imagenet-mini
-  history = json.load(open(tmp_path / 'results.json'))['history']
+  history = _history(tmp_path)
   train = [r for r in history if r['split'] == 'train']
   assert [(r['step'], r['phase']) for r in train] == [(1, 'pretrain'),
                                                       (2, 'pretrain')]
@@ -304,12 +321,13 @@ def test_imagenet_experiment_end_to_end(tmp_path, shared_data):
 
 
 def test_bad_configuration_is_refused():
-  from experiments import deq_cifar10, deq_imagenet
-  with pytest.raises(ValueError, match='jacobian_prob'):
-    deq_cifar10.check_config(dict(deq_cifar10.default_config(),
-                                  jacobian_prob=1.5))
-  with pytest.raises(ValueError, match='Unknown MDEQ configuration'):
-    deq_cifar10.check_config(dict(deq_cifar10.default_config(), model='big'))
-  with pytest.raises(ValueError, match='divisible'):
-    deq_imagenet.check_config(dict(deq_imagenet.default_config(),
-                                   image_size=200))
+  with pytest.raises(cli.ConfigError, match='jacobian.probability'):
+    cli.get_config('deq_cifar10', 'paper', {'jacobian.probability': 1.5})
+  with pytest.raises(cli.ConfigError, match='Unknown MDEQ configuration'):
+    cli.get_config('deq_cifar10', 'paper', {'model.name': 'big'})
+  with pytest.raises(cli.ConfigError, match='3 classes but the data has 10'):
+    cli.get_config('deq_cifar10', 'quickstart', {'model.num_classes': 3})
+  with pytest.raises(cli.ConfigError, match='multiple of 2'):
+    cli.get_config('deq_imagenet', 'paper', {'data.image_size': 200})
+  with pytest.raises(cli.ConfigError, match='deq.forward.solver'):
+    cli.get_config('deq_imagenet', 'paper', {'deq.forward.solver': 'newton'})

@@ -1,5 +1,6 @@
 """The training engine: parallel modes agree, resume is exact, NaN stops the run."""
 import json
+import logging as pylogging
 import os
 
 import haiku as hk
@@ -9,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from jreg import errors
 from jreg import metrics as metrics_lib
 from jreg import train
 
@@ -21,18 +23,19 @@ class CountingIterator:
   Raises `RuntimeError` before batch `crash_at` to simulate a killed run.
   """
 
-  def __init__(self, crash_at=None, poison_at=None):
+  def __init__(self, crash_at=None, poison_at=None, batch_size=GLOBAL_BATCH):
     self.position = 0
     self.crash_at = crash_at
     self.poison_at = poison_at
+    self.batch_size = batch_size
 
   def __next__(self):
     if self.crash_at is not None and self.position == self.crash_at:
       raise RuntimeError('simulated crash')
     rng = np.random.default_rng(self.position)
-    x = rng.normal(size=(GLOBAL_BATCH, 3)).astype(np.float32)
+    x = rng.normal(size=(self.batch_size, 3)).astype(np.float32)
     y = (x @ np.array([[1.0], [-2.0], [0.5]], np.float32)
-         + 0.1 * rng.normal(size=(GLOBAL_BATCH, 1))).astype(np.float32)
+         + 0.1 * rng.normal(size=(self.batch_size, 1))).astype(np.float32)
     if self.poison_at is not None and self.position == self.poison_at:
       x[0, 0] = np.nan
     self.position += 1
@@ -102,7 +105,8 @@ def test_parallel_modes_match_single_device(tmp_path, parallel):
   jax.tree.map(chex_close, state.params, reference.params)
   jax.tree.map(chex_close, state.opt_state, reference.opt_state)
   assert int(state.step) == 6
-  assert [r['step'] for r in history if r['split'] == 'train'] == [2, 4, 6]
+  # Logged every 2 steps and at the checkpoint of step 3.
+  assert [r['step'] for r in history if r['split'] == 'train'] == [2, 3, 4, 6]
 
 
 def test_parallel_modes_average_batch_statistics():
@@ -131,7 +135,8 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
   # The checkpoint of step 3 is there; the restart reads it and its data position.
   resumed, history = _fit(tmp_path / 'b', num_steps=8)
   assert int(resumed.step) == 8
-  assert history[0]['step'] > 3
+  # The whole run's records, each step once, as the uninterrupted run's.
+  assert history == metrics_lib.read_jsonl(str(tmp_path / 'a' / 'metrics.jsonl'))
   jax.tree.map(np.testing.assert_array_equal, resumed.params, uninterrupted.params)
   jax.tree.map(np.testing.assert_array_equal, resumed.rng, uninterrupted.rng)
 
@@ -148,9 +153,11 @@ def test_interrupted_save_does_not_replace_the_last_good_checkpoint(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, train.TrainState(*restored).params,
                finished.params)
   checkpointer.close()
-  # Resuming the finished run does no step and cleans the temporary folder up.
-  resumed, history = _fit(tmp_path, num_steps=6)
-  assert not half_written.exists() and not [r for r in history if r['split'] == 'train']
+  # Re-running the finished run does no step and cleans the temporary folder up.
+  iterator = CountingIterator()
+  resumed, history = _fit(tmp_path, num_steps=6, iterator=iterator)
+  assert not half_written.exists() and iterator.position == 0
+  assert [r['step'] for r in history if r['split'] == 'train'] == [2, 3, 4, 6]
 
 
 def test_phases_switch_grad_fn_at_the_given_step(tmp_path):
@@ -184,7 +191,9 @@ def test_learning_rate_schedules():
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  with pytest.raises(train.NonFiniteLossError, match='step 5 produced a non-finite'):
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'step 5 produced a non-finite.*last good checkpoint '
+                           r'\(step 3\) is kept'):
     _fit(tmp_path, num_steps=8, iterator=CountingIterator(poison_at=4))
   steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
   assert steps == [3]
@@ -234,5 +243,137 @@ def test_evaluate_honours_the_padding_mask():
 def test_bad_parallel_mode_and_batch():
   with pytest.raises(ValueError, match='is not one of'):
     train.Parallel('model')
-  with pytest.raises(ValueError, match='cannot be split over 4 local devices'):
+  with pytest.raises(train.BatchSizeError, match='cannot be split over 4 local devices'):
     train.Parallel('pmap').put_batch({'x': np.zeros((6, 3))})
+
+
+def test_batch_not_divisible_by_devices_is_a_sentence_before_training(tmp_path):
+  iterator = CountingIterator(batch_size=6)
+  with pytest.raises(errors.UserError, match=r'batch of 6 examples cannot be split '
+                     r'over 4 local devices.*divisible by the number of devices'):
+    _fit(tmp_path, 'sharded', iterator=iterator)
+  assert iterator.position == 1  # one batch read, no step taken
+  assert not (tmp_path / 'checkpoints').exists() or not [
+      d for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]
+
+
+def test_nan_before_any_checkpoint_says_none_was_written(tmp_path):
+  with pytest.raises(train.NonFiniteLossError) as error:
+    _fit(tmp_path, num_steps=6, iterator=CountingIterator(poison_at=1))
+  message = str(error.value)
+  assert 'step 2 produced a non-finite' in message
+  assert 'no checkpoint was written yet' in message and 'step 0' in message
+  assert 'last good checkpoint' not in message
+  assert isinstance(error.value, errors.UserError)
+
+
+# ---------------------------------------------------------------------------
+# Restartable runs: killed at any moment, the restart ends exactly like an
+# uninterrupted run (parameters and metrics.jsonl rows).
+
+RESTART_STEPS = 8  # checkpoints and evaluations at 3, 6 and 8; logs every 2
+
+
+class Crash(Exception):
+  """The simulated kill."""
+
+
+def _eval_fn(crash_at=None):
+  def eval_fn(params, model_state):
+    del model_state
+    step = eval_fn.calls = getattr(eval_fn, 'calls', 0) + 1
+    if crash_at is not None and 3 * step >= crash_at:
+      raise Crash(f'killed in the evaluation of step {crash_at}')
+    return {'w_sum': float(jnp.sum(params['linear']['w']))}
+  return eval_fn
+
+
+def _restartable_fit(workdir, iterator=None, eval_crash_at=None, **kwargs):
+  return _fit(workdir, num_steps=RESTART_STEPS, iterator=iterator,
+              eval_fn=_eval_fn(eval_crash_at), eval_every=3, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  state, history = _restartable_fit(workdir)
+  return workdir, state, history
+
+
+@pytest.mark.parametrize('iterator_crash,eval_crash', [
+    (2, None),     # during step 3, before any checkpoint
+    (None, 3),     # after step 3's records, before its checkpoint
+    (7, None),     # during the last step
+    (None, 8),     # in the final evaluation, before the final checkpoint
+])
+def test_killed_and_restarted_run_ends_as_an_uninterrupted_one(
+    tmp_path, uninterrupted, iterator_crash, eval_crash, capsys):
+  reference_dir, reference, reference_history = uninterrupted
+  with pytest.raises((Crash, RuntimeError)):
+    _restartable_fit(tmp_path, iterator=CountingIterator(crash_at=iterator_crash),
+                     eval_crash_at=eval_crash)
+  assert not (tmp_path / '.lock').exists()  # released on the exception
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 9, "spl')  # as if killed in the middle of a write
+  capsys.readouterr()
+  state, history = _restartable_fit(tmp_path)
+  resumed_from = {2: None, 3: None, 7: 6, 8: 6}[iterator_crash or eval_crash]
+  said = capsys.readouterr().out
+  assert (f'resumed from the checkpoint of step {resumed_from}' in said
+          if resumed_from else 'resumed' not in said)
+  jax.tree.map(np.testing.assert_array_equal, state.params, reference.params)
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, reference.opt_state)
+  rows = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert rows == metrics_lib.read_jsonl(str(reference_dir / 'metrics.jsonl'))
+  assert history == rows == reference_history
+  steps = [(r['split'], r['step']) for r in rows]
+  assert len(steps) == len(set(steps))  # no duplicates
+
+
+def test_finished_run_is_not_trained_again(uninterrupted, capsys):
+  workdir, reference, reference_history = uninterrupted
+  # Importing the engine and using orbax add no filter to the global loggers.
+  absl_logger = pylogging.getLogger('absl')
+  assert not absl_logger.filters and not pylogging.getLogger().filters
+  iterator = CountingIterator()
+  state, history = _restartable_fit(workdir, iterator=iterator)
+  assert iterator.position == 0  # no batch read, no step
+  assert history == reference_history
+  assert [r['step'] for r in history if r['split'] == 'eval'] == [3, 6, 8]
+  jax.tree.map(np.testing.assert_array_equal, state.params, reference.params)
+  assert 'already finished (step 8 of 8)' in capsys.readouterr().out
+  assert not absl_logger.filters
+
+
+def test_restart_moves_the_old_run_aside(tmp_path, capsys):
+  _fit(tmp_path, num_steps=2, checkpoint_every=0)
+  old_rows = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  iterator = CountingIterator()
+  state, history = _fit(tmp_path, num_steps=2, checkpoint_every=0, restart=True,
+                        iterator=iterator)
+  assert iterator.position == 2 and int(state.step) == 2
+  (previous,) = os.listdir(tmp_path / 'previous')
+  moved = tmp_path / 'previous' / previous
+  assert sorted(os.listdir(moved)) == ['checkpoints', 'metrics.jsonl']
+  assert metrics_lib.read_jsonl(str(moved / 'metrics.jsonl')) == old_rows
+  assert history == old_rows  # the same run again, from step 0
+  assert 'restart: moved the previous run' in capsys.readouterr().out
+
+
+def test_config_is_recorded_and_a_change_refused_or_logged(tmp_path):
+  config = {'optimizer': {'learning_rate': 0.01, 'name': 'adam'}, 'steps': 2}
+  _fit(tmp_path, num_steps=2, config=config)
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f) == config
+  changed = {'optimizer': {'learning_rate': 0.02, 'name': 'adam'}, 'steps': 2}
+  with pytest.raises(train.rundir.ConfigMismatchError,
+                     match=r'optimizer\.learning_rate: 0\.01 → 0\.02') as error:
+    _fit(tmp_path, num_steps=2, config=changed)
+  assert isinstance(error.value, errors.UserError)
+  _, history = _fit(tmp_path, num_steps=2, config=changed, allow_config_change=True)
+  assert [r['step'] for r in history] == [2]
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f) == changed
+  (change,) = metrics_lib.read_jsonl(str(tmp_path / 'config_changes.jsonl'))
+  assert change['changes'] == {'optimizer.learning_rate': [0.01, 0.02]}
+

@@ -29,12 +29,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from jreg.errors import UserError
+
 SOURCES = ('auto', 'local', 'download', 'tfds')
 DEFAULT_SOURCE = 'auto'
 DATA_DIR_ENV = 'JREG_DATA_DIR'
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A dataset file is missing or not what its format promises.
 
   The message is one sentence that names the file, says what is wrong and how

@@ -48,8 +48,7 @@ Glossary of shape letters:
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import haiku as hk
 import jax
@@ -452,11 +451,6 @@ def explicit_config(config: MDEQConfig, num_layers: int) -> MDEQConfig:
   return config.replace(expansion=inner0 / c_min)
 
 
-def count_params(params) -> int:
-  """Total number of scalars in a parameter pytree (arrays or ShapeDtypeStructs)."""
-  return int(sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
-
-
 class MDEQClassifier(hk.Module):
   """Stem -> multiscale DEQ (`jreg.deq.DEQ` around `MDEQCell`) -> head.
 
@@ -495,155 +489,3 @@ class MDEQClassifier(hk.Module):
     z_star, info = deq(x, z0, unrolled=unrolled, jacobian_loss=jacobian_loss,
                        spectral_radius=spectral_radius)
     return ClassificationHead(cfg, name='head')(z_star, is_training), info
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingSettings:
-  """What the training loss of an MDEQ classifier needs besides the model.
-
-  The Jacobian term follows Bai, Koltun & Kolter (2021), Sec. 3.3 and
-  Appendix A: loss = CE + gamma(t) * ||J_f(z*)||_F^2 / d, the Hutchinson
-  estimate computed only on a random fraction p(t) of the training steps (a
-  Bernoulli(p) gate per step; the term is not rescaled by 1/p, as in the
-  reference `cls_function.py`). gamma(t) and p(t) ramp linearly from their
-  initial to their final values over `jacobian_ramp_steps` steps (constant
-  when the two are equal).
-  """
-  network: str = 'mdeq'          # 'mdeq' | 'explicit' (untied unrolled cells)
-  forward: Any = None            # deq_lib.SolverConfig for training
-  backward: Any = None           # deq_lib.BackwardConfig
-  eval_forward: Any = None       # deq_lib.SolverConfig for evaluation
-  jacobian_weight: float = 0.0   # gamma at step 0
-  jacobian_weight_final: float = 0.0  # gamma after the ramp
-  jacobian_prob: float = 0.0     # p at step 0
-  jacobian_prob_final: float = 0.0    # p after the ramp
-  jacobian_ramp_steps: int = 1
-  pretrain_jacobian_weight: float = 0.0  # gamma during unrolled pre-training
-  jacobian_vectors: int = 1      # Hutchinson vectors M
-  explicit_num_layers: int = 4   # L for network='explicit'
-
-
-class ClassifierFns(NamedTuple):
-  """Pure functions of an MDEQ (or explicit) classifier, in jreg.train's contract.
-
-  init_fn: rng -> (params, model_state).
-  loss_fn / pretrain_loss_fn: (params, model_state, rng, batch) ->
-    (loss, (model_state, metrics)); the DEQ phase and the unrolled weight-tied
-    pre-training phase (the same function for network='explicit').
-  grad_fn / pretrain_grad_fn: `jreg.deq.value_and_grad` of those (adds the
-    backward solver's NFE and residuals to the metrics).
-  predict_fn: (params, model_state, images) -> (logits [B, K], info), the
-    evaluation forward pass (no dropout, `eval_forward` solver settings);
-    pure, to be jitted by the caller.
-  """
-  init_fn: Any
-  loss_fn: Any
-  pretrain_loss_fn: Any
-  grad_fn: Any
-  pretrain_grad_fn: Any
-  predict_fn: Any
-
-
-def _ramp(start: float, end: float, steps: int, step: jax.Array) -> jax.Array:
-  """start + (end - start) * min(step / steps, 1)."""
-  frac = jnp.clip(step.astype(jnp.float32) / max(steps, 1), 0.0, 1.0)
-  return start + (end - start) * frac
-
-
-def _classification_metrics(logits, labels, mask=None):
-  """Mean cross-entropy and accuracy over the (masked) batch."""
-  log_probs = jax.nn.log_softmax(logits)  # [B, K]
-  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]  # [B]
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)  # [B]
-  if mask is None:
-    return jnp.mean(nll), jnp.mean(correct)
-  weights = mask.astype(jnp.float32)
-  total = jnp.maximum(jnp.sum(weights), 1.0)
-  return jnp.sum(nll * weights) / total, jnp.sum(correct * weights) / total
-
-
-def build_classifier(config: MDEQConfig, settings: TrainingSettings,
-                     image_shape: tuple[int, int, int]) -> ClassifierFns:
-  """The init / loss / gradient / prediction functions of a classifier.
-
-  Args:
-    config: the architecture.
-    settings: solver, Jacobian-regularisation and network-kind settings.
-    image_shape: (H, W, C) of one input image (for initialisation).
-
-  Returns:
-    `ClassifierFns`. Batches are `{'image': [B, H, W, C], 'label': [B]}`;
-    the metrics hold cross_entropy, accuracy, forward_nfe, forward residuals,
-    jacobian_loss / jacobian_applied / jacobian_weight / jacobian_prob (DEQ),
-    and (through grad_fn) backward_nfe and backward residuals.
-  """
-  if settings.network not in ('mdeq', 'explicit'):
-    raise ValueError(f"network must be 'mdeq' or 'explicit', got "
-                     f'{settings.network!r}.')
-
-  if settings.network == 'explicit':
-    explicit = explicit_config(config, settings.explicit_num_layers)
-
-    def forward(images, is_training, unrolled):
-      del unrolled
-      return ExplicitMDEQ(explicit, settings.explicit_num_layers,
-                          name='explicit_mdeq')(images, is_training), {}
-  else:
-    def forward(images, is_training, unrolled):
-      solver = (settings.forward if is_training or settings.eval_forward is None
-                else settings.eval_forward)
-      model = MDEQClassifier(
-          config, forward=solver, backward=settings.backward,
-          jacobian_vectors=settings.jacobian_vectors, name='mdeq')
-      step = deq_lib.step_count(increment=is_training)
-      if not is_training:
-        return model(images, is_training=False)
-      if unrolled:
-        weight = jnp.asarray(settings.pretrain_jacobian_weight, jnp.float32)
-        prob = jnp.asarray(1.0 if settings.pretrain_jacobian_weight else 0.0)
-      else:
-        weight = _ramp(settings.jacobian_weight, settings.jacobian_weight_final,
-                       settings.jacobian_ramp_steps, step)
-        prob = _ramp(settings.jacobian_prob, settings.jacobian_prob_final,
-                     settings.jacobian_ramp_steps, step)
-      use_jacobian = (settings.pretrain_jacobian_weight > 0 if unrolled else
-                      max(settings.jacobian_weight,
-                          settings.jacobian_weight_final) > 0)
-      gate = (deq_lib.regularization_gate(hk.next_rng_key(), prob)
-              if use_jacobian else False)
-      logits, info = model(images, is_training=True, unrolled=unrolled,
-                           jacobian_loss=gate)
-      info = dict(info, jacobian_weight=weight, jacobian_prob=prob)
-      return logits, info
-
-  model = hk.transform_with_state(forward)
-
-  def init_fn(rng):
-    # The unrolled path creates the same parameters and state as the DEQ path
-    # without compiling solvers into the initialisation.
-    images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    return model.init(rng, images, True, True)
-
-  def make_loss(unrolled):
-    def loss_fn(params, model_state, rng, batch):
-      (logits, info), model_state = model.apply(
-          params, model_state, rng, batch['image'], True, unrolled)
-      cross_entropy, accuracy = _classification_metrics(logits, batch['label'])
-      loss = cross_entropy
-      if 'jacobian_loss' in info:
-        loss = loss + info['jacobian_weight'] * info['jacobian_loss']
-      metrics = dict(info, cross_entropy=cross_entropy, accuracy=accuracy)
-      return loss, (model_state, metrics)
-    return loss_fn
-
-  def predict_fn(params, model_state, images):
-    (logits, info), _ = model.apply(params, model_state, None, images, False,
-                                    False)
-    return logits, info
-
-  loss_fn, pretrain_loss_fn = make_loss(False), make_loss(True)
-  return ClassifierFns(
-      init_fn=init_fn, loss_fn=loss_fn, pretrain_loss_fn=pretrain_loss_fn,
-      grad_fn=deq_lib.value_and_grad(loss_fn),
-      pretrain_grad_fn=deq_lib.value_and_grad(pretrain_loss_fn),
-      predict_fn=predict_fn)

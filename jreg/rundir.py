@@ -1,0 +1,380 @@
+"""A run's work directory: one writer at a time, and the configuration it ran under.
+
+* `lock(workdir)`: a context manager holding an exclusive lock file
+  `workdir/.lock` (created with `O_CREAT | O_EXCL`, holding JSON
+  `{"host", "pid", "started"}`). A second process asking for the same workdir
+  gets `WorkdirBusyError` naming the host and PID of the first. A lock left by
+  a process of this host that no longer runs (killed with SIGKILL, a crashed
+  machine) is taken over with a warning. The lock is re-entrant within one
+  process, so an experiment that holds its top-level workdir can call
+  `jreg.train.fit` (which locks its own workdir) for its sub-runs, even in the
+  same directory. In a multi-process run only process 0 locks.
+* `check_config(workdir, config)`: the first start writes `workdir/config.json`;
+  a later start under a configuration that differs is refused with
+  `ConfigMismatchError` listing the differing keys as dotted paths
+  (`optimizer.learning_rate: 0.1 → 0.2`), unless the change is allowed
+  explicitly, in which case it is logged, appended to
+  `workdir/config_changes.jsonl` and `config.json` is updated.
+* `move_aside(workdir)`: moves a finished or abandoned run's files to
+  `workdir/previous/<UTC timestamp>/` (nothing is deleted).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import socket
+import threading
+from typing import Any, Iterator, Mapping, Optional
+
+from absl import logging
+
+from jreg.errors import UserError
+
+LOCK_FILE = '.lock'
+CONFIG_FILE = 'config.json'
+CONFIG_CHANGES_FILE = 'config_changes.jsonl'
+PREVIOUS_DIR = 'previous'
+
+_ABSENT = '(absent)'
+
+
+class WorkdirError(UserError):
+  """The workdir cannot be used: it is a file, or it cannot be written."""
+
+
+class WorkdirBusyError(UserError):
+  """Another process holds the workdir's lock."""
+
+
+class ConfigMismatchError(UserError):
+  """A run is resumed under a configuration that differs from its saved one."""
+
+
+# Workdirs this process holds: real path -> nesting depth.
+_held: dict[str, int] = {}
+_held_guard = threading.Lock()
+
+
+def utc_timestamp() -> str:
+  """The current UTC time as `YYYYmmddTHHMMSS.ffffffZ` (sortable, path-safe)."""
+  return datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
+
+
+def ensure_workdir(workdir: str) -> str:
+  """Creates `workdir` if needed and checks that it is a writable directory.
+
+  Returns:
+    Its absolute path.
+
+  Raises:
+    WorkdirError: it is a file, lies under a file, or cannot be written.
+  """
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f'the workdir {path} is a file, not a directory; choose '
+                       'another --workdir.')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as error:
+    raise WorkdirError(f'the workdir {path} cannot be created '
+                       f'({error.strerror}); choose another --workdir.') from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise WorkdirError(f'the workdir {path} is not writable; choose another '
+                       '--workdir or fix its permissions.')
+  return path
+
+
+def _is_primary() -> bool:
+  # Imported here: the workdir helpers work without initialising JAX's
+  # backends until a lock is actually taken.
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # It exists, under another user.
+  return True
+
+
+def _read_owner(path: str) -> Optional[dict]:
+  try:
+    with open(path) as f:
+      owner = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return owner if isinstance(owner, dict) else None
+
+
+def _busy_error(path: str, owner: Optional[dict]) -> WorkdirBusyError:
+  workdir = os.path.dirname(path)
+  if owner is None:
+    return WorkdirBusyError(
+        f'the workdir {workdir} is locked by another run (its lock file {path} '
+        'cannot be read); wait for that run to end, or delete the lock file if '
+        'no run uses this workdir.')
+  return WorkdirBusyError(
+      f'the workdir {workdir} is in use by process {owner.get("pid")} on host '
+      f'{owner.get("host")} (running since {owner.get("started")}); wait for it '
+      f'to end or choose another workdir (delete {path} only if that process is '
+      'gone).')
+
+
+def _acquire(path: str) -> None:
+  """Creates the lock file at `path`, taking over a stale one of this host."""
+  host = socket.gethostname()
+  me = {'host': host, 'pid': os.getpid(),
+        'started': datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec='seconds')}
+  for _ in range(5):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      owner = _read_owner(path)
+      if owner is None:
+        # Possibly being written by its creator right now: look again.
+        threading.Event().wait(0.05)
+        owner = _read_owner(path)
+      stale = (owner is not None and owner.get('host') == host and
+               isinstance(owner.get('pid'), int) and
+               owner['pid'] != os.getpid() and not _pid_alive(owner['pid']))
+      if not stale:
+        raise _busy_error(path, owner) from None
+      _take_over(path, owner)
+      continue
+    except OSError as error:
+      raise WorkdirError(f'the lock file {path} cannot be created '
+                         f'({error.strerror}); choose another --workdir.') from None
+    with os.fdopen(fd, 'w') as f:
+      json.dump(me, f)
+    return
+  raise _busy_error(path, _read_owner(path))
+
+
+def _take_over(path: str, owner: dict) -> None:
+  """Removes a stale lock, unless another process replaced it meanwhile."""
+  aside = f'{path}.stale.{os.getpid()}'
+  try:
+    os.rename(path, aside)
+  except FileNotFoundError:
+    return  # Someone else removed it: try to create ours.
+  if _read_owner(aside) == owner:
+    os.remove(aside)
+    logging.warning('took over the lock %s of process %d on host %s, which no '
+                    'longer runs (it was started %s).', path, owner['pid'],
+                    owner['host'], owner.get('started'))
+    return
+  # A live lock was created between our read and the rename: put it back.
+  try:
+    os.link(aside, path)
+  except FileExistsError:
+    pass
+  os.remove(aside)
+
+
+def _release(path: str) -> None:
+  owner = _read_owner(path)
+  if owner is not None and owner.get('pid') == os.getpid() and (
+      owner.get('host') == socket.gethostname()):
+    os.remove(path)
+  else:
+    logging.warning('the lock %s no longer belongs to this process; left it.',
+                    path)
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[str]:
+  """Holds the exclusive lock of `workdir` (created if needed) for this process.
+
+  Re-entrant within a process; a no-op on processes other than process 0 of a
+  multi-process run. Call it after `jax.distributed.initialize` (it asks JAX
+  for the process index).
+
+  Yields:
+    The workdir's absolute path.
+
+  Raises:
+    WorkdirBusyError: another live process holds it; the sentence names it.
+    WorkdirError: the workdir is a file or cannot be written.
+  """
+  path = ensure_workdir(workdir)
+  if not _is_primary():
+    yield path
+    return
+  key = os.path.realpath(path)
+  lock_path = os.path.join(path, LOCK_FILE)
+  with _held_guard:
+    if key in _held:
+      _held[key] += 1
+    else:
+      _acquire(lock_path)
+      _held[key] = 1
+  try:
+    yield path
+  finally:
+    with _held_guard:
+      _held[key] -= 1
+      if not _held[key]:
+        del _held[key]
+        _release(lock_path)
+
+
+def is_locked_by_me(workdir: str) -> bool:
+  """Whether this process holds `workdir`'s lock."""
+  return os.path.realpath(os.path.abspath(workdir)) in _held
+
+
+# --------------------------------------------------------------------------
+# Configuration record.
+
+
+def _jsonable(config: Mapping[str, Any]) -> dict:
+  """`config` as plain JSON values (tuples become lists, keys strings)."""
+  try:
+    return json.loads(json.dumps(config, sort_keys=True))
+  except (TypeError, ValueError) as error:
+    raise TypeError(f'the run configuration must hold JSON values only: {error}'
+                    ) from None
+
+
+def flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """Nested mappings -> `{'dotted.path': value}` (lists are values)."""
+  flat = {}
+  for key, value in config.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, Mapping) and value:
+      flat.update(flatten(value, name + '.'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def config_diff(old: Mapping[str, Any],
+                new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """`{dotted key: (old value, new value)}` of the keys whose values differ.
+
+  A key present on one side only has the value `'(absent)'` on the other.
+  Values are compared as JSON (a tuple equals the list of its items).
+  """
+  old_flat, new_flat = flatten(_jsonable(old)), flatten(_jsonable(new))
+  diff = {}
+  for key in sorted(set(old_flat) | set(new_flat)):
+    before, after = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
+    if before != after:
+      diff[key] = (before, after)
+  return diff
+
+
+def describe_diff(diff: Mapping[str, tuple[Any, Any]]) -> str:
+  """`'a.b: 1 → 2, c: x → (absent)'`."""
+  def show(value):
+    return value if value == _ABSENT else json.dumps(value)
+  return ', '.join(f'{key}: {show(a)} → {show(b)}' for key, (a, b) in diff.items())
+
+
+def _write_json_atomic(path: str, value: Any) -> None:
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=1, sort_keys=True)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def read_config(workdir: str) -> Optional[dict]:
+  """The configuration saved in `workdir/config.json`, or None if there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as error:
+    raise WorkdirError(f'{path} is not valid JSON ({error}); move it away to '
+                       'start the run afresh.') from None
+
+
+def check_config(workdir: str, config: Mapping[str, Any],
+                 allow_change: bool = False, write: Optional[bool] = None) -> dict:
+  """Records `config` in `workdir/config.json`, or checks it against the record.
+
+  Args:
+    workdir: the run's directory (created if needed).
+    config: a JSON-able mapping (e.g. `ConfigDict.to_dict()`).
+    allow_change: accept a configuration that differs from the saved one: the
+      differences are logged, appended to `config_changes.jsonl` (one JSON line
+      `{"time", "changes": {key: [old, new]}}`), and `config.json` is updated.
+    write: whether this process writes files (default: process 0 only).
+
+  Returns:
+    `{dotted key: (old, new)}` of the accepted differences (empty if none).
+
+  Raises:
+    ConfigMismatchError: the saved configuration differs and `allow_change`
+      is False; the sentence lists every differing key, old → new.
+  """
+  if write is None:
+    write = _is_primary()
+  path = ensure_workdir(workdir) if write else os.path.abspath(workdir)
+  new = _jsonable(config)
+  saved = read_config(path)
+  config_path = os.path.join(path, CONFIG_FILE)
+  if saved is None:
+    if write:
+      _write_json_atomic(config_path, new)
+    return {}
+  diff = config_diff(saved, new)
+  if not diff:
+    return {}
+  described = describe_diff(diff)
+  if not allow_change:
+    raise ConfigMismatchError(
+        f'the run in {path} was started with another configuration '
+        f'({len(diff)} key{"s differ" if len(diff) > 1 else " differs"}: '
+        f'{described}); '
+        'resume it with the saved configuration (config.json), start afresh '
+        '(restart) or in another workdir, or accept the change explicitly '
+        '(allow_config_change).')
+  logging.warning('resuming %s under a changed configuration: %s', path, described)
+  if write:
+    with open(os.path.join(path, CONFIG_CHANGES_FILE), 'a') as f:
+      f.write(json.dumps({'time': utc_timestamp(),
+                          'changes': {k: list(v) for k, v in diff.items()}}) + '\n')
+    _write_json_atomic(config_path, new)
+  return diff
+
+
+# --------------------------------------------------------------------------
+# Starting afresh.
+
+
+def move_aside(workdir: str, keep: tuple[str, ...] = ()) -> Optional[str]:
+  """Moves every file of `workdir` into `workdir/previous/<UTC timestamp>/`.
+
+  The lock file, the `previous/` folder and the names in `keep` stay.
+
+  Returns:
+    The folder the files went to, or None if there was nothing to move.
+  """
+  path = os.path.abspath(workdir)
+  if not os.path.isdir(path):
+    return None
+  names = [n for n in sorted(os.listdir(path))
+           if n not in (LOCK_FILE, PREVIOUS_DIR) + tuple(keep)]
+  if not names:
+    return None
+  target = os.path.join(path, PREVIOUS_DIR, utc_timestamp())
+  os.makedirs(target)
+  for name in names:
+    try:
+      os.rename(os.path.join(path, name), os.path.join(target, name))
+    except OSError as error:
+      if error.errno != errno.ENOENT:
+        raise
+  return target

@@ -1,0 +1,91 @@
+"""DEQ settings from configs: solvers, backward passes, and the gamma / p schedules.
+
+The one translation from a config's `deq.forward.*` / `deq.backward.*` groups
+(`solver`, `max_iter`, `tol`, `stop_mode`; see `experiments/configs`) to the
+hashable `jreg.deq.SolverConfig` / `jreg.deq.BackwardConfig` the layers take,
+shared by every DEQ task, experiment, benchmark and notebook.
+
+The Jacobian term of Bai, Koltun & Kolter (ICML 2021, Sec. 3.3 and Appendix
+A) is gamma(t) * ||J_f(z*)||_F^2 / d on a random fraction p(t) of the training
+steps; `linear_ramp` is the schedule both follow when a paper ramps them.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jreg import deq as deq_lib
+
+SOLVERS = ('broyden', 'anderson', 'fixed_point')
+STOP_MODES = ('abs', 'rel')
+BACKWARD_MODES = ('implicit', 'phantom', 'jfb')
+
+
+def solver_config(group: Mapping[str, Any], name: str = 'deq.forward',
+                  **changes) -> deq_lib.SolverConfig:
+  """`jreg.deq.SolverConfig` of a config's solver group, range-checked.
+
+  Args:
+    group: a mapping with `solver`, `max_iter`, `tol`, `stop_mode`.
+    name: the group's dotted name, for error messages.
+    **changes: fields to replace (e.g. `max_iter` of an evaluation budget).
+
+  Raises:
+    ValueError: one sentence naming the key and its allowed values.
+  """
+  values = dict(name=group['solver'], max_iter=group['max_iter'],
+                tol=group['tol'], stop_mode=group['stop_mode'])
+  values.update(changes)
+  if values['name'] not in SOLVERS:
+    raise ValueError(f'{name}.solver must be one of {SOLVERS}, got '
+                     f'{values["name"]!r}.')
+  if values['max_iter'] < 1:
+    raise ValueError(f'{name}.max_iter must be >= 1, got {values["max_iter"]}.')
+  if values['tol'] < 0:
+    raise ValueError(f'{name}.tol must be >= 0, got {values["tol"]}.')
+  if values['stop_mode'] not in STOP_MODES:
+    raise ValueError(f'{name}.stop_mode must be one of {STOP_MODES}, got '
+                     f'{values["stop_mode"]!r}.')
+  return deq_lib.SolverConfig(**values)
+
+
+def backward_config(group: Mapping[str, Any],
+                    name: str = 'deq.backward') -> deq_lib.BackwardConfig:
+  """`jreg.deq.BackwardConfig` of a config's `deq.backward` group.
+
+  `mode` (default 'implicit': the implicit-function-theorem solve with the
+  group's solver; 'phantom' / 'jfb' take `phantom_steps`, `phantom_damping`).
+  """
+  mode = group.get('mode', 'implicit')
+  if mode not in BACKWARD_MODES:
+    raise ValueError(f'{name}.mode must be one of {BACKWARD_MODES}, got {mode!r}.')
+  extra = {key: group[key] for key in ('phantom_steps', 'phantom_damping')
+           if key in group}
+  return deq_lib.BackwardConfig(mode=mode, solver=solver_config(group, name),
+                                **extra)
+
+
+def check_jacobian(group: Mapping[str, Any]) -> None:
+  """Ranges of a `jacobian` group (gamma >= 0, p in [0, 1], vectors >= 1)."""
+  for key in ('weight', 'weight_final', 'pretrain_weight'):
+    if key in group and group[key] < 0:
+      raise ValueError(f'jacobian.{key} (gamma) must be >= 0, got {group[key]}.')
+  for key in ('probability', 'probability_final'):
+    if key in group and not 0 <= group[key] <= 1:
+      raise ValueError(f'jacobian.{key} must be a probability in [0, 1], got '
+                       f'{group[key]}.')
+  if group.get('num_vectors', 1) < 1:
+    raise ValueError(f'jacobian.num_vectors must be >= 1, got '
+                     f'{group["num_vectors"]}.')
+
+
+def linear_ramp(start: float, end: float, steps: int,
+                step: jax.Array) -> jax.Array:
+  """start + (end - start) * min(step / steps, 1): a gamma or p schedule.
+
+  Constant when `start == end`; `step` may be traced (float32 []).
+  """
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
+  return start + (end - start) * frac
