@@ -41,7 +41,7 @@ GroupNorm); `--layers=xla` with autodiff of `lax.conv_general_dilated` and
 the two-pass GroupNorm (the code path before `jreg.layers`);
 `--layers=custom,xla` times both.
 
-Usage (the lead's figure; a few minutes on 2 cores):
+Usage (the figure in BUILD_NOTES.md; a few minutes on 2 cores):
   python -m experiments.bench_deq --model=conv
   python -m experiments.bench_deq --model=toy
 """

@@ -35,7 +35,9 @@ EXPERIMENTS = quickstart_config.EXPERIMENTS  # (name, module, what it shows)
 def forwarded(config: ml_collections.ConfigDict,
               experiment: ml_collections.ConfigDict) -> dict[str, Any]:
   """The quickstart's shared settings that apply to one experiment's config."""
-  overrides = {'parallel': config.parallel}
+  overrides = {}
+  if 'parallel' in experiment:   # igr_two_parameter has no training loop
+    overrides['parallel'] = config.parallel
   if 'data' in experiment and 'source' in experiment.data:
     overrides['data.source'] = config.data.source
     if config.data.dir is not None:

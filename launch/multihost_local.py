@@ -7,7 +7,7 @@ start one process per host with the same flags, or use `--dist_slurm` under
 SLURM (launch/slurm.sh) and `--dist_auto` on a Cloud TPU pod.
 
     python -m launch.multihost_local --num_processes=2 --devices_per_process=2 \
-        -- experiments.synthetic_mlp --workdir=runs/mh --parallel=sharded
+        -- experiments.synthetic_mlp --workdir=runs/mh --config.parallel=sharded
 """
 from __future__ import annotations
 

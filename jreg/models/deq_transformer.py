@@ -399,11 +399,6 @@ class DEQTransformerLM(hk.Module):
     return log_prob.reshape(batch, length), info
 
 
-def count_params(params: Any) -> int:
-  """Number of scalars in a parameter pytree (arrays or ShapeDtypeStructs)."""
-  return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
-
-
 # Batch axis of each memory buffer in the model state (others are not per example).
 _MEMORY_BATCH_AXIS = {'memory_z': 0, 'memory_u': 0, 'memory_layers': 1}
 
