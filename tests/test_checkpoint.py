@@ -19,11 +19,11 @@ from jreg import train
 
 NUM_STEPS = 6  # checkpoints at steps 3 and 6
 
-# Wide enough that its weights (3 x 256 float32, 3 kB) are stored in a data
+# Wide enough that its weights (3 x 4096 float32, 48 kB) are stored in a data
 # file of their own: tensorstore keeps small arrays inline in its b-tree
 # nodes, which carry a CRC-32C, but not the data files of larger ones, where
 # a flipped bit changes a value silently unless jreg's checksum catches it.
-_mlp = hk.transform(lambda x: hk.Linear(1)(jnp.tanh(hk.Linear(256)(x))))
+_mlp = hk.transform(lambda x: hk.Linear(1)(jnp.tanh(hk.Linear(4096)(x))))
 _OPTIMIZER = optax.adam(1e-2)
 
 

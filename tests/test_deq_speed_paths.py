@@ -8,6 +8,7 @@ import numpy as np
 from jreg import deq
 from jreg import layers
 from jreg.models import mdeq
+from jreg.tasks import mdeq as mdeq_task
 
 
 def _conv_cell(z, x):  # z, x: [B, 6, 6, 4]
@@ -129,13 +130,13 @@ def test_deq_under_transform_without_state():
 
 def test_mdeq_old_and_new_layer_paths_agree():
   config = mdeq.mdeq_config('tiny')
-  settings = mdeq.TrainingSettings(
+  settings = mdeq_task.TrainingSettings(
       forward=deq.SolverConfig('broyden', 8, 1e-6),
       backward=deq.BackwardConfig(solver=deq.SolverConfig('fixed_point', 8,
                                                           1e-6)),
       jacobian_weight=0.5, jacobian_weight_final=0.5, jacobian_prob=1.0,
       jacobian_prob_final=1.0)
-  fns = mdeq.build_classifier(config, settings, (8, 8, 3))
+  fns = mdeq_task.build_classifier(config, settings, (8, 8, 3))
   params, state = fns.init_fn(jax.random.PRNGKey(0))
   rng = np.random.default_rng(2)
   batch = {'image': rng.normal(size=(2, 8, 8, 3)).astype(np.float32),
