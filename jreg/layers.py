@@ -61,7 +61,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import haiku as hk
 import jax
@@ -369,9 +369,10 @@ def spectral_normalize_weight(w: jax.Array, num_iters: int = 10,
   return w * factor
 
 
-def spectral_normalize(fn, num_iters: int = 10, scale: float = 1.0,
+def spectral_normalize(fn: Callable, num_iters: int = 10, scale: float = 1.0,
                        clip: bool = False,
-                       include=lambda context: True):
+                       include: Callable[[hk.GetterContext], bool] = (
+                           lambda context: True)) -> Callable:
   """Wraps Haiku code so that its weights of ndim >= 2 are spectrally normalised.
 
   Runs `fn` under an `hk.custom_getter` that replaces every parameter of

@@ -162,7 +162,8 @@ class DEQ(hk.Module):
       rng: key for Hutchinson / power iteration; default `hk.next_rng_key()`.
 
     Returns:
-      (z*, info dict of scalars).
+      (z*, info dict of scalars); with `supervise_states`,
+      ([z_{k_1}, ..., z*], info).
     """
     init_rng = hk.next_rng_key() if hk.running_init() else None
     params = hk.lift(self._cell.init, name='cell', allow_reuse=True)(
