@@ -5,15 +5,20 @@ Public API (stable; additions only):
   solvers     SolverConfig, SolverStats, solve, fixed_point_iteration,
               anderson, broyden, flatten_batch
   implicit    BackwardConfig, fixed_point, unrolled_fixed_point,
-              probe_to_metrics, STATS_PROBE_SIZE
+              probe_to_metrics, STATS_PROBE_SIZE, fixed_point_states
+  correction  fp_correction, correction_weights, state_indices
   jacobian    jacobian_frobenius_estimate, jacobian_frobenius_exact,
               spectral_radius, regularization_gate
   module      DEQ (Haiku), value_and_grad (grad_fn with backward stats),
               cell_params (the cell's params out of a model's params),
               step_count (Haiku-state step counter for schedules)
 """
+from jreg.deq.correction import correction_weights
+from jreg.deq.correction import fp_correction
+from jreg.deq.correction import state_indices
 from jreg.deq.implicit import BackwardConfig
 from jreg.deq.implicit import fixed_point
+from jreg.deq.implicit import fixed_point_states
 from jreg.deq.implicit import probe_to_metrics
 from jreg.deq.implicit import STATS_PROBE_SIZE
 from jreg.deq.implicit import unrolled_fixed_point
@@ -40,4 +45,6 @@ __all__ = (
     'flatten_batch', 'jacobian_frobenius_estimate', 'jacobian_frobenius_exact',
     'probe_to_metrics', 'regularization_gate', 'solve', 'spectral_radius',
     'step_count', 'unrolled_fixed_point', 'value_and_grad',
+    'correction_weights', 'fixed_point_states', 'fp_correction',
+    'state_indices',
 )

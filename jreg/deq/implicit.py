@@ -218,3 +218,77 @@ def unrolled_fixed_point(cell, params, x, z0, num_steps: int, *,
       rel_residual=rel_res,
       converged=(abs_res if stop_mode == 'abs' else rel_res) <= tol)
   return z, stats
+
+
+# Fixed-point correction (Bai, Koltun & Kolter, "Deep Equilibrium Optical Flow
+# Estimation", CVPR 2022, Sec. 3.3): intermediate solver states, each with a
+# gradient of its own.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _state_with_gradient(cell, backward, params, x, z, stats_probe):
+  del cell, backward, params, x, stats_probe
+  return z
+
+
+def _state_with_gradient_fwd(cell, backward, params, x, z, stats_probe):
+  del cell, backward
+  return z, (params, x, z, stats_probe)
+
+
+def _state_with_gradient_bwd(cell, backward, residuals, g):
+  params, x, z, stats_probe = residuals
+  g_params, g_x, g_z, probe_ct = _fixed_point_bwd(
+      cell, None, backward, (params, x, z, z, stats_probe), (g, None))
+  return g_params, g_x, g_z, probe_ct
+
+
+_state_with_gradient.defvjp(_state_with_gradient_fwd, _state_with_gradient_bwd)
+
+
+def fixed_point_states(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
+                       params: PyTree, x: PyTree, z0: PyTree,
+                       indices: tuple, *,
+                       forward: solvers.SolverConfig = solvers.SolverConfig(),
+                       backward: BackwardConfig = BackwardConfig(),
+                       stats_probe: Optional[jax.Array] = None):
+  """z* = cell(params, z*, x) and the solver's states after `indices` evaluations.
+
+  One forward solve records, for each k in `indices` (static, each in
+  [1, forward.max_iter]), the point the solver returns with budget k
+  (`solvers.solve(..., record=indices)`). Each state z_k is returned as it is
+  (detached, so no gradient flows along the solver's path) and differentiated
+  by the phantom gradient from z_k: the VJP of `backward.phantom_steps`
+  damped steps z <- (1 - tau) z + tau f(z), tau = `backward.phantom_damping`,
+  taken from z_k (Geng et al., NeurIPS 2021), as torchdeq's `DEQIndexing`
+  does for its sampled states (locuslab/torchdeq `torchdeq/core.py`). The
+  final state z* is differentiated by `backward` (any mode), exactly as
+  `fixed_point` does. torchdeq returns the phantom steps' output as the
+  value of a sampled state; here the value is z_k itself.
+
+  Args:
+    cell, params, x, z0, forward, backward, stats_probe: as `fixed_point`;
+      the probe's gradient sums the backward statistics over the states
+      (its NFE entry is the total number of backward VJPs).
+    indices: tuple of evaluation counts of the intermediate states.
+
+  Returns:
+    ([z_{k_1}, ..., z_{k_n}, z*], SolverStats of the forward solve).
+  """
+  if stats_probe is None:
+    stats_probe = jnp.zeros((STATS_PROBE_SIZE,), jnp.float32)
+  indices = tuple(int(k) for k in indices)
+  if not indices:
+    z_star, stats = fixed_point(cell, params, x, z0, forward=forward,
+                                backward=backward, stats_probe=stats_probe)
+    return [z_star], stats
+  frozen_params, frozen_x = jax.lax.stop_gradient((params, x))
+  f = lambda z: cell(frozen_params, z, frozen_x)
+  z_star, stats, states = solvers.solve(f, jax.lax.stop_gradient(z0), forward,
+                                        record=indices)
+  phantom = backward._replace(mode='phantom')
+  out = [_state_with_gradient(cell, phantom, params, x, z, stats_probe)
+         for z in states]
+  out.append(_state_with_gradient(cell, backward, params, x, z_star,
+                                  stats_probe))
+  return out, stats

@@ -22,13 +22,14 @@ and no backward statistics are reported.
 """
 import contextlib
 import contextvars
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jreg.deq import correction
 from jreg.deq import implicit
 from jreg.deq import jacobian
 from jreg.deq import solvers
@@ -99,6 +100,7 @@ class DEQ(hk.Module):
                jacobian_vectors: int = 1,
                spectral_radius_iters: int = 50,
                report_backward_stats: bool = True,
+               supervise_states: Optional[Union[int, Sequence[int]]] = None,
                name: Optional[str] = None):
     """Builds the layer.
 
@@ -119,6 +121,15 @@ class DEQ(hk.Module):
         Under any other gradient (`jax.grad`, `jreg.train.value_and_grad`)
         there is no probe and the gradients are the same. Only used with
         backward mode 'implicit'.
+      supervise_states: None, or the solver states to return for
+        fixed-point correction (`jreg.deq.fp_correction`): an int n (n
+        states spread over forward.max_iter, torchdeq's `n_states`) or a
+        sequence of evaluation counts (torchdeq's `indexing`); see
+        `jreg.deq.correction.state_indices`. The call then returns the list
+        [z_{k_1}, ..., z*] in place of z*: intermediate states with the
+        phantom gradient from each state (`backward.phantom_steps`,
+        `backward.phantom_damping`), z* with `backward`
+        (`jreg.deq.fixed_point_states`). Unrolled calls return [z_N].
       name: module name.
     """
     super().__init__(name=name)
@@ -130,6 +141,7 @@ class DEQ(hk.Module):
     self.spectral_radius_iters = spectral_radius_iters
     self.report_backward_stats = (report_backward_stats and
                                   backward.mode == 'implicit')
+    self.supervise_states = supervise_states
 
   def __call__(self, x: PyTree, z0: PyTree, *, unrolled: bool = False,
                jacobian_loss=False, spectral_radius: bool = False,
@@ -150,7 +162,8 @@ class DEQ(hk.Module):
       rng: key for Hutchinson / power iteration; default `hk.next_rng_key()`.
 
     Returns:
-      (z*, info dict of scalars).
+      (z*, info dict of scalars); with `supervise_states`,
+      ([z_{k_1}, ..., z*], info).
     """
     init_rng = hk.next_rng_key() if hk.running_init() else None
     params = hk.lift(self._cell.init, name='cell', allow_reuse=True)(
@@ -171,6 +184,18 @@ class DEQ(hk.Module):
                                                 self.unrolled_steps)
       else:
         info['backward_nfe'] = jnp.asarray(self.unrolled_steps, jnp.float32)
+    elif self.supervise_states is not None:
+      indices = correction.state_indices(self.forward_config.max_iter,
+                                         self.supervise_states)[:-1]
+      z_states, stats = implicit.fixed_point_states(
+          cell, params, x, z0, indices, forward=self.forward_config,
+          backward=self.backward_config, stats_probe=probe)
+      z_star = z_states[-1]
+      fixed_nfe = implicit.backward_nfe_if_fixed(self.backward_config)
+      if fixed_nfe is not None:
+        info['backward_nfe'] = jnp.asarray(
+            fixed_nfe + len(indices) * self.backward_config.phantom_steps,
+            jnp.float32)
     else:
       z_star, stats = implicit.fixed_point(
           cell, params, x, z0, forward=self.forward_config,
@@ -199,6 +224,8 @@ class DEQ(hk.Module):
       if spectral_radius:
         info['spectral_radius'] = jnp.mean(jacobian.spectral_radius(
             f, z_star, rho_rng, self.spectral_radius_iters))
+    if self.supervise_states is not None:
+      return (z_states if not unrolled else [z_star]), info
     return z_star, info
 
 

@@ -172,32 +172,82 @@ def _converged(best: _Best, tol, stop_mode):
   return res <= tol
 
 
-def _run(init, step, max_iter, tol, stop_mode, unroll):
+def _run(init, step, max_iter, tol, stop_mode, unroll, record=()):
   """Drives a solver loop.
 
   `init()` -> (carry, best, nfe); `step(carry, best)` does one evaluation of f.
+  With `record` (static tuple of evaluation counts) also returns the states
+  recorded by `_Recorder`; with `record=()` the traced program is unchanged.
   """
   carry, best, nfe = init()
+  recorder = _Recorder(record, max_iter, best.z) if record else None
+  if recorder:
+    recorder.write(nfe, best)
   if unroll:
-    for _ in range(max_iter - nfe):
+    for k in range(nfe, max_iter):
       carry, best = step(carry, best)
+      if recorder:
+        recorder.write(k + 1, best)
     nfe_out = jnp.asarray(max(max_iter, nfe), jnp.int32)
   else:
     def cond(state):
-      _, best, k = state
+      _, best, k = state[:3]
       return (k < max_iter) & ~jnp.all(_converged(best, tol, stop_mode))
 
     def body(state):
-      carry, best, k = state
+      carry, best, k = state[:3]
       carry, best = step(carry, best)
+      if recorder:
+        recorder.buffer = state[3]
+        recorder.write(k + 1, best)
+        return carry, best, k + 1, recorder.buffer
       return carry, best, k + 1
 
-    carry, best, nfe_out = lax.while_loop(
-        cond, body, (carry, best, jnp.asarray(nfe, jnp.int32)))
+    state = (carry, best, jnp.asarray(nfe, jnp.int32))
+    if recorder:
+      state += (recorder.buffer,)
+    state = lax.while_loop(cond, body, state)
+    carry, best, nfe_out = state[:3]
+    if recorder:
+      recorder.buffer = state[3]
   stats = SolverStats(nfe=nfe_out, abs_residual=best.abs_res,
                       rel_residual=best.rel_res,
                       converged=_converged(best, tol, stop_mode))
+  if recorder:
+    return best.z, stats, recorder.finish(nfe_out, best)
   return best.z, stats
+
+
+class _Recorder:
+  """The solver's point after given numbers of evaluations, in a fixed buffer.
+
+  Slot j holds `best.z` (the point the solver returns: the lowest-residual
+  evaluated point so far) once the evaluation count equals `record[j]`, i.e.
+  exactly what the same solver run with `max_iter=record[j]` returns; as in
+  torchdeq's `indexing` (locuslab/torchdeq `torchdeq/solver/fp_iter.py`).
+  Counts the loop never reached (the batch converged earlier) are filled
+  with the final point, which is again what a run with that budget returns.
+  """
+
+  def __init__(self, record, max_iter, z):
+    if any(not 1 <= k <= max_iter for k in record):
+      raise ValueError(f'recorded evaluation counts must lie in [1, max_iter='
+                       f'{max_iter}]; got {record}.')
+    self.record = tuple(int(k) for k in record)
+    self.buffer = jnp.zeros((len(record),) + z.shape, z.dtype)  # [n, B, D]
+
+  def write(self, k, best):
+    if isinstance(k, int):  # unrolled loop: the count is static
+      for j, index in enumerate(self.record):
+        if index == k:
+          self.buffer = self.buffer.at[j].set(best.z)
+    else:
+      hit = jnp.asarray(self.record, jnp.int32) == k  # [n]
+      self.buffer = jnp.where(hit[:, None, None], best.z[None], self.buffer)
+
+  def finish(self, nfe, best):
+    unreached = jnp.asarray(self.record, jnp.int32) > nfe  # [n]
+    return jnp.where(unreached[:, None, None], best.z[None], self.buffer)
 
 
 def _check(max_iter, stop_mode):
@@ -207,10 +257,18 @@ def _check(max_iter, stop_mode):
     raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}.")
 
 
+def _unflatten_outputs(out, unflatten):
+  """(z, stats[, states [n, B, D]]) of `_run` with z and states as pytrees."""
+  if len(out) == 2:
+    return unflatten(out[0]), out[1]
+  z, stats, states = out
+  return unflatten(z), stats, tuple(unflatten(s) for s in states)
+
+
 def fixed_point_iteration(f: Callable[[PyTree], PyTree], z0: PyTree, *,
                           max_iter: int = 30, tol: float = 1e-3,
                           stop_mode: str = 'rel', damping: float = 1.0,
-                          unroll: bool = False):
+                          unroll: bool = False, record: tuple = ()):
   """Damped fixed-point (Picard) iteration z_{k+1} = (1 - tau) z_k + tau f(z_k).
 
   Args:
@@ -218,9 +276,12 @@ def fixed_point_iteration(f: Callable[[PyTree], PyTree], z0: PyTree, *,
     z0: initial point.
     max_iter, tol, stop_mode, unroll: see `SolverConfig`.
     damping: tau in (0, 1].
+    record: evaluation counts at which to record the solver's point (see
+      `solve`).
 
   Returns:
-    (z, SolverStats) with z the lowest-residual evaluated point.
+    (z, SolverStats) with z the lowest-residual evaluated point; with
+    `record`, (z, SolverStats, recorded states).
   """
   _check(max_iter, stop_mode)
   flat0, unflatten = flatten_batch(z0)
@@ -237,14 +298,14 @@ def fixed_point_iteration(f: Callable[[PyTree], PyTree], z0: PyTree, *,
     fz = ff(z)
     return (z, fz), _update_best(best, z, fz, stop_mode)
 
-  z, stats = _run(init, step, max_iter, tol, stop_mode, unroll)
-  return unflatten(z), stats
+  out = _run(init, step, max_iter, tol, stop_mode, unroll, record)
+  return _unflatten_outputs(out, unflatten)
 
 
 def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
              tol: float = 1e-3, stop_mode: str = 'rel', history: int = 5,
              ridge: float = 1e-4, damping: float = 1.0, unroll: bool = False,
-             ridge_relative: bool = True):
+             ridge_relative: bool = True, record: tuple = ()):
   """Anderson acceleration (type II), as locuslab/deq `anderson`.
 
   With G_i = f(z_i) - z_i over the last n = min(k, m) points, solve
@@ -272,9 +333,10 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     damping: beta.
     ridge_relative: lambda relative to mean diag(G G^T) (see above).
     max_iter, tol, stop_mode, unroll: see `SolverConfig`.
+    record: evaluation counts at which to record the point (see `solve`).
 
   Returns:
-    (z, SolverStats).
+    (z, SolverStats), and the recorded states with `record`.
   """
   _check(max_iter, stop_mode)
   if history < 1 or not ridge > 0:
@@ -328,13 +390,14 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     gram = lax.dynamic_update_index_in_dim(gram, row[:, :, None], slot, axis=2)
     return (fs, gs, gram, k + 1), _update_best(best, z, fz, stop_mode)
 
-  z, stats = _run(init, step, max_iter, tol, stop_mode, unroll)
-  return unflatten(z), stats
+  out = _run(init, step, max_iter, tol, stop_mode, unroll, record)
+  return _unflatten_outputs(out, unflatten)
 
 
 def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
             tol: float = 1e-3, stop_mode: str = 'rel',
-            rank: Optional[int] = None, unroll: bool = False):
+            rank: Optional[int] = None, unroll: bool = False,
+            record: tuple = ()):
   """Broyden's ("good") method on g(z) = f(z) - z, as locuslab/deq `broyden`.
 
   Keeps the inverse Jacobian of g as B = -I + sum_i u_i v_i^T (low rank), takes
@@ -351,9 +414,10 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     rank: number of (u, v) pairs kept; the oldest is replaced when full.
       None keeps max_iter, as the reference does.
     max_iter, tol, stop_mode, unroll: see `SolverConfig`.
+    record: evaluation counts at which to record the point (see `solve`).
 
   Returns:
-    (z, SolverStats).
+    (z, SolverStats), and the recorded states with `record`.
   """
   _check(max_iter, stop_mode)
   flat0, unflatten = flatten_batch(z0)
@@ -395,14 +459,24 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     return (z_new, gz_new, us, vs, update, k + 1), _update_best(
         best, z_new, fz, stop_mode)
 
-  z, stats = _run(init, step, max_iter, tol, stop_mode, unroll)
-  return unflatten(z), stats
+  out = _run(init, step, max_iter, tol, stop_mode, unroll, record)
+  return _unflatten_outputs(out, unflatten)
 
 
-def solve(f: Callable[[PyTree], PyTree], z0: PyTree, config: SolverConfig):
-  """Runs the solver named by `config` on f from z0; returns (z, SolverStats)."""
+def solve(f: Callable[[PyTree], PyTree], z0: PyTree, config: SolverConfig,
+          record: tuple = ()):
+  """Runs the solver named by `config` on f from z0; returns (z, SolverStats).
+
+  With `record` (a static tuple of evaluation counts k_j in [1, max_iter])
+  returns (z, SolverStats, states): states[j] is the point the same solve
+  returns with `max_iter=k_j` (the lowest-residual point after k_j
+  evaluations of f, f(z0) included; the final point where the loop stopped
+  before k_j), a pytree like z0.
+  """
   common = dict(max_iter=config.max_iter, tol=config.tol,
                 stop_mode=config.stop_mode, unroll=config.unroll)
+  if record:
+    common['record'] = tuple(record)
   if config.name == 'fixed_point':
     return fixed_point_iteration(f, z0, damping=config.damping, **common)
   if config.name == 'anderson':
