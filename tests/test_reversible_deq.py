@@ -148,17 +148,21 @@ def test_best_iterate_before_the_last_one():
   assert int(probe[0]) == best.max()   # reverse steps: the largest k*
 
 
-def test_close_to_implicit_gradient_when_converged():
-  """Tight solve (rel. tol 1e-12): the exact gradient of the finite solve
-  tends to the IFT gradient; they differ by O(residual) since the IFT
-  linearises at an approximate z* and ignores the truncated iteration."""
+@pytest.mark.parametrize('tol', [1e-12, 1e-3])
+def test_implicit_gradient_differs_by_order_of_the_residual(tol):
+  """The exact gradient of the finite solve against the IFT gradient (dense
+  solve, linearised at the returned z): they differ by O(residual) since the
+  IFT assumes an exact fixed point and ignores the truncated iteration.
+  Measured max |difference| / max rel. residual: 3.6 (tol 1e-12, 43
+  evaluations), 3.5 (tol 1e-3, 11 evaluations)."""
   params, inputs = _params(), _inputs()
   forward = deq.SolverConfig(name='reversible', damping=0.8, max_iter=400,
-                             tol=1e-12)
+                             tol=tol)
   z, stats = deq.fixed_point(cell, params, inputs, jnp.zeros((3, 4)),
                              forward=forward,
                              backward=deq.BackwardConfig(mode='reversible'))
   assert bool(stats.all_converged)
+  residual = float(jnp.max(stats.rel_residual))
   grads = _layer_grad(params, inputs, forward)
 
   # IFT by a dense solve per example: u = (I - J^T)^-1 dl/dz*.
@@ -170,9 +174,15 @@ def test_close_to_implicit_gradient_when_converged():
   u = jnp.linalg.solve(eye - jnp.swapaxes(jac, 1, 2), dl_dz[..., None])[..., 0]
   _, vjp = jax.vjp(lambda p, xin: cell(p, z, {**inputs, 'in': xin}),
                    params, inputs['in'])
-  ift_params, ift_x = vjp(u)
-  _assert_trees_close(grads[0], ift_params, atol=1e-9)
-  np.testing.assert_allclose(grads[1]['in'], ift_x, atol=1e-9)
+  ift = vjp(u)
+  difference = max(
+      float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+          jax.tree.leaves((grads[0], grads[1]['in'])), jax.tree.leaves(ift)))
+  assert difference <= 10 * residual
+  if tol == 1e-12:
+    assert difference < 1e-10
+  else:
+    assert difference >= 0.1 * residual   # a real difference, not rounding
 
 
 def test_reconstruction_error_and_backward_stats():

@@ -123,7 +123,7 @@ def reversible_iteration(f: Callable[[PyTree], PyTree], z0: PyTree, *,
                          max_iter: int = 30, tol: float = 1e-3,
                          stop_mode: str = 'rel', beta: float = 0.8,
                          unroll: bool = False):
-  """The reversible fixed-point solver (McCallum et al., 2025), see above.
+  """Reversible fixed-point solver: two coupled relaxed states (module docstring).
 
   Args:
     f: the map, batched pytree -> pytree of the same structure.
