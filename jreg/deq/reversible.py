@@ -1,4 +1,4 @@
-"""Reversible fixed-point solves: exact gradients of the finite solve, O(1) memory.
+"""Reversible fixed-point solves: exact gradients of the solve, O(1) memory.
 
 McCallum, Arora & Foster, "Reversible Deep Equilibrium Models" (RevDEQ),
 arXiv:2509.12917, 2025 (reference code: sammccallum/reversible-deq,
@@ -14,8 +14,8 @@ The forward step is algebraically invertible, so the backward pass rebuilds
 the iterates in reverse from the last pair and backpropagates through each
 step as it goes: the gradient is the exact gradient of the n steps taken (not
 the implicit-function-theorem approximation at an approximate fixed point),
-and nothing per step is stored. beta must lie in (0, 2) (the paper's range)
-and differ from 1 (the inverse divides by 1 - beta).
+and nothing per step is stored. beta must lie in (0, 2) and differ from 1
+(the inverse divides by 1 - beta).
 
 One sequence. With u_{-1} = u_0 = z_0 the two updates are one two-term
 recurrence,
@@ -36,7 +36,8 @@ of f at u_{k-1},
 
   (f(u_{k-1}), vjp) = vjp of f at u_{k-1},
   u_{k-2} = (u_k - beta f(u_{k-1})) / (1 - beta),
-  abar_{k-1} = (1 - beta) bbar_k,   bbar_{k-1} = abar_k + beta J_f(u_{k-1})^T bbar_k,
+  abar_{k-1} = (1 - beta) bbar_k,
+  bbar_{k-1} = abar_k + beta J_f(u_{k-1})^T bbar_k,
   dl/dtheta += beta (df/dtheta at u_{k-1})^T bbar_k   (and likewise for x).
 
 The forward keeps only the best pair (u_{k*-1}, u_{k*}) and k* per example;
@@ -46,10 +47,16 @@ one VJP per forward evaluation, i.e. backprop through the unrolled solve plus
 one recomputed forward evaluation of f per step; memory independent of the
 number of steps.
 
+Numerics: a reverse step expands rounding errors by the factor the forward
+step contracts them, so the rebuilt early states lose about
+eps * (residual reduction of the solve); the gradient stays exact to rounding
+because the cotangent reaching step k decays at the same rate (docs/deq.md,
+Reversible DEQs, has the measured figures).
+
 Backward statistics through the stats probe (see `jreg.deq.implicit`):
-[VJPs = max_b k*_b, mean ||(u_{-1}, u_0)_rebuilt - (z_0, z_0)|| (the
-reconstruction error of the initial pair: rounding amplified by the reverse
-steps), the same divided by ||(u_{k*-1}, u_{k*})|| + 1e-8, 1].
+[VJPs = max_b k*_b (max_iter - 1 when unrolled),
+mean ||(u_{-1}, u_0)_rebuilt - (z_0, z_0)|| (the reconstruction error of the
+initial pair), the same divided by ||(u_{k*-1}, u_{k*})|| + 1e-8, 1].
 """
 import functools
 from typing import Any, Callable, NamedTuple, Optional
@@ -63,6 +70,12 @@ from jreg.deq import implicit
 from jreg.deq import solvers
 
 PyTree = Any
+# The residuals, best-iterate record and stopping test shared with the solvers.
+# pylint: disable=protected-access
+_Best, _residuals, _converged = (solvers._Best, solvers._residuals,
+                                 solvers._converged)
+_check_budget, _EPS = solvers._check, solvers._EPS
+# pylint: enable=protected-access
 
 
 def check_beta(beta: float, name: str = 'beta') -> None:
@@ -76,7 +89,7 @@ class _State(NamedTuple):
   u_prev: jax.Array         # [B, D] u_{k-1}
   u: jax.Array              # [B, D] u_k
   fu: jax.Array             # [B, D] f(u_k)
-  best: Any                 # solvers._Best: lowest-residual u_{k*}, residuals
+  best: Any                 # _Best: lowest-residual u_{k*} and its residuals
   best_prev: jax.Array      # [B, D] u_{k*-1}
   best_k: jax.Array         # int32 [B] k*
   nfe: jax.Array            # int32 []: k + 1
@@ -85,27 +98,27 @@ class _State(NamedTuple):
 def _solve_flat(ff, u0, beta, max_iter, tol, stop_mode, unroll):
   """Runs the recurrence on rows [B, D]; returns (_State, SolverStats)."""
   fu0 = ff(u0)
-  abs0, rel0 = solvers._residuals(fu0, u0)  # pylint: disable=protected-access
-  state = _State(u0, u0, fu0, solvers._Best(u0, abs0, rel0), u0,  # pylint: disable=protected-access
+  abs0, rel0 = _residuals(fu0, u0)
+  state = _State(u0, u0, fu0, _Best(u0, abs0, rel0), u0,
                  jnp.zeros(u0.shape[:1], jnp.int32), jnp.asarray(1, jnp.int32))
 
   def step(s: _State) -> _State:
     u = (1.0 - beta) * s.u_prev + beta * s.fu
     fu = ff(u)
-    abs_res, rel_res = solvers._residuals(fu, u)  # pylint: disable=protected-access
+    abs_res, rel_res = _residuals(fu, u)
     if stop_mode == 'abs':
       better = abs_res < s.best.abs_res
     else:
       better = rel_res < s.best.rel_res
     rows = better[:, None]
-    best = solvers._Best(jnp.where(rows, u, s.best.z),  # pylint: disable=protected-access
-                         jnp.where(better, abs_res, s.best.abs_res),
-                         jnp.where(better, rel_res, s.best.rel_res))
+    best = _Best(jnp.where(rows, u, s.best.z),
+                 jnp.where(better, abs_res, s.best.abs_res),
+                 jnp.where(better, rel_res, s.best.rel_res))
     return _State(s.u, u, fu, best, jnp.where(rows, s.u, s.best_prev),
                   jnp.where(better, s.nfe, s.best_k), s.nfe + 1)
 
   def converged(s: _State):
-    return solvers._converged(s.best, tol, stop_mode)  # pylint: disable=protected-access
+    return _converged(s.best, tol, stop_mode)
 
   if unroll:
     for _ in range(max_iter - 1):
@@ -123,7 +136,7 @@ def reversible_iteration(f: Callable[[PyTree], PyTree], z0: PyTree, *,
                          max_iter: int = 30, tol: float = 1e-3,
                          stop_mode: str = 'rel', beta: float = 0.8,
                          unroll: bool = False):
-  """Reversible fixed-point solver: two coupled relaxed states (module docstring).
+  """Reversible fixed-point solver: two coupled relaxed states (see module).
 
   Args:
     f: the map, batched pytree -> pytree of the same structure.
@@ -137,7 +150,7 @@ def reversible_iteration(f: Callable[[PyTree], PyTree], z0: PyTree, *,
     `reversible_fixed_point` (or `BackwardConfig(mode='reversible')`) for the
     O(1)-memory exact backward.
   """
-  solvers._check(max_iter, stop_mode)  # pylint: disable=protected-access
+  _check_budget(max_iter, stop_mode)
   check_beta(beta)
   flat0, unflatten = solvers.flatten_batch(z0)
   ff = lambda u: solvers.flatten_batch(f(unflatten(u)))[0]
@@ -150,7 +163,7 @@ def _check_forward(forward: solvers.SolverConfig) -> None:
     raise ValueError("Backward mode 'reversible' needs the forward solver "
                      "'reversible' (SolverConfig(name='reversible', "
                      f"damping=beta)), got {forward.name!r}.")
-  solvers._check(forward.max_iter, forward.stop_mode)  # pylint: disable=protected-access
+  _check_budget(forward.max_iter, forward.stop_mode)
   check_beta(forward.damping, 'SolverConfig.damping')
 
 
@@ -242,11 +255,12 @@ def _reversible_fixed_point_bwd(cell, forward, residuals, cotangents):
     carry = lax.while_loop(lambda c: c[0] > 0, body, carry)
   _, a0, b0, _, _, gp, gx = carry
 
-  error = jnp.sqrt(jnp.sum((a0 - flat0) ** 2, -1) + jnp.sum((b0 - flat0) ** 2, -1))
+  error = jnp.sqrt(jnp.sum((a0 - flat0) ** 2, -1) +
+                   jnp.sum((b0 - flat0) ** 2, -1))               # [B]
   scale = jnp.sqrt(jnp.sum(a_best ** 2, -1) + jnp.sum(b_best ** 2, -1))
   bstats = solvers.SolverStats(
       nfe=k_start,
-      abs_residual=error, rel_residual=error / (scale + solvers._EPS),  # pylint: disable=protected-access
+      abs_residual=error, rel_residual=error / (scale + _EPS),
       converged=jnp.ones_like(k_best, bool))
   probe_ct = implicit.stats_probe_values(bstats).astype(stats_probe.dtype)
   return (p_cotangent(gp), x_cotangent(gx), jax.tree.map(jnp.zeros_like, z0),
