@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import configs
 import jreg.deq as deq
 from jreg.tasks import deq as deq_task
 
@@ -336,11 +337,11 @@ def test_refuses_other_forward_solvers_and_bad_beta():
     _layer_loss(params, inputs, deq.SolverConfig(name='anderson'))
   with pytest.raises(ValueError, match='differ from 1'):
     _layer_loss(params, inputs, deq.SolverConfig(name='reversible'))
-  group = {'solver': 'reversible', 'max_iter': 9, 'tol': 1e-4,
-           'stop_mode': 'rel'}
+  group = configs.solver('reversible', 9, 1e-4)
   with pytest.raises(ValueError, match='deq.forward.damping'):
     deq_task.solver_config(group)
-  config = deq_task.solver_config({**group, 'damping': 0.7})
+  config = deq_task.solver_config(
+      configs.solver('reversible', 9, 1e-4, damping=0.7))
   assert config == deq.SolverConfig(name='reversible', max_iter=9, tol=1e-4,
                                     damping=0.7)
   backward = deq_task.backward_config({
