@@ -27,6 +27,7 @@ experiments means the same thing in both):
   log_every, eval_every, checkpoint_every   intervals in steps (0: at the end)
   model.*               the architecture
   deq.forward.*, deq.backward.*             solver, max_iter, tol, stop_mode
+                        (damping: the 'reversible' solver's beta)
   jacobian.*            weight (gamma), probability (p), their *_final values,
                         num_vectors
   probe.*               NFE / accuracy-at-NFE probes
@@ -93,14 +94,16 @@ def optimizer(name: str = 'adam', *, schedule: str = 'cosine',
   return group
 
 
-def solver(name: str, max_iter: int, tol: float,
-           stop_mode: str = 'rel') -> ml_collections.ConfigDict:
+def solver(name: str, max_iter: int, tol: float, stop_mode: str = 'rel',
+           damping: float | None = None) -> ml_collections.ConfigDict:
   """One fixed-point solve (`jreg.deq.SolverConfig`)."""
   group = ml_collections.ConfigDict()
-  group.solver = name          # 'broyden' | 'anderson' | 'fixed_point'
+  group.solver = name          # 'broyden' | 'anderson' | 'fixed_point' | 'reversible'
   group.max_iter = max_iter    # evaluation budget (NFE), >= 1
   group.tol = tol              # residual tolerance (> 0)
   group.stop_mode = stop_mode  # 'abs' | 'rel' residual
+  if damping is not None:
+    group.damping = damping    # 'reversible': beta in (0, 2), not 1
   return group
 
 
@@ -148,7 +151,7 @@ def deq(forward_nfe: int, backward_nfe: int, tol: float, stop_mode: str,
   group = ml_collections.ConfigDict()
   group.forward = solver('broyden', forward_nfe, tol, stop_mode)
   group.backward = solver('broyden', backward_nfe, tol, stop_mode)
-  group.backward.mode = 'implicit'     # 'implicit' | 'phantom' | 'jfb'
+  group.backward.mode = 'implicit'     # 'implicit' | 'phantom' | 'jfb' | 'reversible'
   group.eval_max_iter = forward_nfe    # forward budget when testing
   group.pretrain_steps = pretrain_steps  # unrolled weight-tied phase
   return group

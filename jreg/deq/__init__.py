@@ -7,6 +7,8 @@ Public API (stable; additions only):
   implicit    BackwardConfig, fixed_point, unrolled_fixed_point,
               probe_to_metrics, STATS_PROBE_SIZE, fixed_point_states
   correction  fp_correction, correction_weights, state_indices
+  reversible  reversible_iteration, reversible_fixed_point (exact O(1)-memory
+              backward of BackwardConfig(mode='reversible'))
   jacobian    jacobian_frobenius_estimate, jacobian_frobenius_exact,
               spectral_radius, regularization_gate
   module      DEQ (Haiku), value_and_grad (grad_fn with backward stats),
@@ -30,6 +32,8 @@ from jreg.deq.module import cell_params
 from jreg.deq.module import DEQ
 from jreg.deq.module import step_count
 from jreg.deq.module import value_and_grad
+from jreg.deq.reversible import reversible_fixed_point
+from jreg.deq.reversible import reversible_iteration
 from jreg.deq.solvers import anderson
 from jreg.deq.solvers import broyden
 from jreg.deq.solvers import fixed_point_iteration
@@ -43,7 +47,8 @@ __all__ = (
     'STATS_PROBE_SIZE',
     'anderson', 'broyden', 'fixed_point', 'fixed_point_iteration',
     'flatten_batch', 'jacobian_frobenius_estimate', 'jacobian_frobenius_exact',
-    'probe_to_metrics', 'regularization_gate', 'solve', 'spectral_radius',
+    'probe_to_metrics', 'regularization_gate', 'reversible_fixed_point',
+    'reversible_iteration', 'solve', 'spectral_radius',
     'step_count', 'unrolled_fixed_point', 'value_and_grad',
     'correction_weights', 'fixed_point_states', 'fp_correction',
     'state_indices',

@@ -46,7 +46,9 @@ class BackwardConfig(NamedTuple):
   """How the fixed-point layer is differentiated (hashable, static).
 
   Attributes:
-    mode: 'implicit' (IFT with a solver), 'phantom' or 'jfb'.
+    mode: 'implicit' (IFT with a solver), 'phantom', 'jfb', or 'reversible'
+      (exact backward through the reversible forward solve, which it
+      requires: `jreg.deq.reversible`).
     solver: the solver for u = J_f^T u + g (mode 'implicit').
     phantom_steps: k, the number of unrolled steps (mode 'phantom').
     phantom_damping: tau (mode 'phantom').
@@ -158,6 +160,11 @@ def fixed_point(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
   Returns:
     (z*, SolverStats of the forward solve).
   """
+  if backward.mode == 'reversible':
+    from jreg.deq import reversible  # pylint: disable=g-import-not-at-top
+    return reversible.reversible_fixed_point(cell, params, x, z0,
+                                             forward=forward,
+                                             stats_probe=stats_probe)
   if stats_probe is None:
     stats_probe = jnp.zeros((STATS_PROBE_SIZE,), jnp.float32)
   return _fixed_point(cell, forward, backward, params, x, z0, stats_probe)
@@ -278,6 +285,10 @@ def fixed_point_states(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
   if stats_probe is None:
     stats_probe = jnp.zeros((STATS_PROBE_SIZE,), jnp.float32)
   indices = tuple(int(k) for k in indices)
+  if indices and 'reversible' in (forward.name, backward.mode):
+    raise ValueError('Fixed-point correction (supervise_states) does not '
+                     'record the states of the reversible solver; use '
+                     "'fixed_point', 'anderson' or 'broyden' forward.")
   if not indices:
     z_star, stats = fixed_point(cell, params, x, z0, forward=forward,
                                 backward=backward, stats_probe=stats_probe)

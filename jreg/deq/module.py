@@ -86,8 +86,10 @@ class DEQ(hk.Module):
     forward_converged_fraction, forward_unconverged (count of examples whose
     residual is above tol: never hidden);
     backward_nfe (only for 'phantom'/'jfb', where it is a constant, and for
-    unrolled calls without a probe: N; with backward mode 'implicit' the
-    backward stats come from `jreg.deq.value_and_grad`, and an unrolled call
+    unrolled calls without a probe: N; with backward modes 'implicit' and
+    'reversible' the backward stats come from `jreg.deq.value_and_grad`
+    (for 'reversible': VJPs, and the reconstruction error of the initial
+    state as residual; see `jreg.deq.reversible`), and an unrolled call
     reports N VJPs, residual 0, converged 1 there);
     jacobian_loss and jacobian_applied (when requested);
     spectral_radius (batch mean, when requested).
@@ -120,7 +122,7 @@ class DEQ(hk.Module):
         state: works under `hk.transform` and `hk.transform_with_state`).
         Under any other gradient (`jax.grad`, `jreg.train.value_and_grad`)
         there is no probe and the gradients are the same. Only used with
-        backward mode 'implicit'.
+        backward modes 'implicit' and 'reversible'.
       supervise_states: None, or the solver states to return for
         fixed-point correction (`jreg.deq.fp_correction`): an int n (n
         states spread over forward.max_iter, torchdeq's `n_states`) or a
@@ -140,7 +142,7 @@ class DEQ(hk.Module):
     self.jacobian_vectors = jacobian_vectors
     self.spectral_radius_iters = spectral_radius_iters
     self.report_backward_stats = (report_backward_stats and
-                                  backward.mode == 'implicit')
+                                  backward.mode in ('implicit', 'reversible'))
     self.supervise_states = supervise_states
 
   def __call__(self, x: PyTree, z0: PyTree, *, unrolled: bool = False,

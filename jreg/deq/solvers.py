@@ -77,7 +77,8 @@ class SolverConfig(NamedTuple):
   """Hashable settings of one solve (usable as a static argument).
 
   Attributes:
-    name: 'fixed_point' | 'anderson' | 'broyden'.
+    name: 'fixed_point' | 'anderson' | 'broyden' | 'reversible'
+      (`jreg.deq.reversible`; its relaxation beta is `damping`).
     max_iter: the evaluation budget (max NFE), >= 1.
     tol: tolerance on the residual chosen by `stop_mode`; 0 runs the budget out.
     stop_mode: 'abs' or 'rel' (see module docstring).
@@ -485,5 +486,8 @@ def solve(f: Callable[[PyTree], PyTree], z0: PyTree, config: SolverConfig,
                     ridge_relative=config.ridge_relative, **common)
   if config.name == 'broyden':
     return broyden(f, z0, rank=config.broyden_rank, **common)
+  if config.name == 'reversible':
+    from jreg.deq import reversible  # pylint: disable=g-import-not-at-top
+    return reversible.reversible_iteration(f, z0, beta=config.damping, **common)
   raise ValueError(f"Unknown solver {config.name!r}; use 'fixed_point', "
-                   "'anderson' or 'broyden'.")
+                   "'anderson', 'broyden' or 'reversible'.")

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 
 from jreg import deq as deq_lib
 
-SOLVERS = ('broyden', 'anderson', 'fixed_point')
+SOLVERS = ('broyden', 'anderson', 'fixed_point', 'reversible')
 STOP_MODES = ('abs', 'rel')
-BACKWARD_MODES = ('implicit', 'phantom', 'jfb')
+BACKWARD_MODES = ('implicit', 'phantom', 'jfb', 'reversible')
 
 
 def solver_config(group: Mapping[str, Any], name: str = 'deq.forward',
@@ -28,7 +28,8 @@ def solver_config(group: Mapping[str, Any], name: str = 'deq.forward',
   """`jreg.deq.SolverConfig` of a config's solver group, range-checked.
 
   Args:
-    group: a mapping with `solver`, `max_iter`, `tol`, `stop_mode`.
+    group: a mapping with `solver`, `max_iter`, `tol`, `stop_mode`, and
+      optionally `damping` (the 'reversible' solver's beta, required there).
     name: the group's dotted name, for error messages.
     **changes: fields to replace (e.g. `max_iter` of an evaluation budget).
 
@@ -37,6 +38,8 @@ def solver_config(group: Mapping[str, Any], name: str = 'deq.forward',
   """
   values = dict(name=group['solver'], max_iter=group['max_iter'],
                 tol=group['tol'], stop_mode=group['stop_mode'])
+  if 'damping' in group:
+    values['damping'] = group['damping']
   values.update(changes)
   if values['name'] not in SOLVERS:
     raise ValueError(f'{name}.solver must be one of {SOLVERS}, got '
@@ -48,6 +51,8 @@ def solver_config(group: Mapping[str, Any], name: str = 'deq.forward',
   if values['stop_mode'] not in STOP_MODES:
     raise ValueError(f'{name}.stop_mode must be one of {STOP_MODES}, got '
                      f'{values["stop_mode"]!r}.')
+  if values['name'] == 'reversible':
+    deq_lib.reversible.check_beta(values.get('damping', 1.0), f'{name}.damping')
   return deq_lib.SolverConfig(**values)
 
 
@@ -56,7 +61,8 @@ def backward_config(group: Mapping[str, Any],
   """`jreg.deq.BackwardConfig` of a config's `deq.backward` group.
 
   `mode` (default 'implicit': the implicit-function-theorem solve with the
-  group's solver; 'phantom' / 'jfb' take `phantom_steps`, `phantom_damping`).
+  group's solver; 'phantom' / 'jfb' take `phantom_steps`, `phantom_damping`;
+  'reversible' needs `deq.forward.solver = 'reversible'`, checked by the layer).
   """
   mode = group.get('mode', 'implicit')
   if mode not in BACKWARD_MODES:
