@@ -193,3 +193,12 @@ def test_module_states_and_default_path():
 def tanh_cell_lin(params, z, x):
   lin = params['deq/cell/linear']
   return jnp.tanh(z @ lin['w'] + lin['b'] + x)
+
+
+def test_reversible_solver_is_refused_with_a_sentence():
+  params, x, z0 = _problem()
+  forward = deq.SolverConfig(name='reversible', max_iter=6, tol=0.0,
+                             damping=0.8)
+  with pytest.raises(ValueError, match='does not record the states of the '
+                                       'reversible solver'):
+    deq.fixed_point_states(tanh_cell, params, x, z0, (2,), forward=forward)
