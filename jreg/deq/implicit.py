@@ -150,14 +150,17 @@ def fixed_point(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
       per-call randomness (dropout masks) belongs here so that it is the same
       at every iteration.
     z0: initial point (no gradient flows into it).
-    forward: the forward solver's settings.
-    backward: the backward mode and solver settings.
+    forward: the forward solver's settings (a solver for nonlinear maps:
+      affine-only ones such as 'gmres' are refused).
+    backward: the backward mode and solver settings (any registered solver,
+      'gmres' and 'bicgstab' included: the backward map is affine).
     stats_probe: optional float32 [4]; its gradient is the backward stats
       (see module docstring).
 
   Returns:
     (z*, SolverStats of the forward solve).
   """
+  solvers.get_solver(forward.name, nonlinear=True)  # refuses affine-only ones
   if stats_probe is None:
     stats_probe = jnp.zeros((STATS_PROBE_SIZE,), jnp.float32)
   return _fixed_point(cell, forward, backward, params, x, z0, stats_probe)
