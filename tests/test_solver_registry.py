@@ -148,11 +148,10 @@ def test_user_solver_in_fixed_point_forward_and_implicit_backward(secant, x64):
                            forward=config, backward=backward)
     return jnp.sum(jnp.sin(z) * jnp.arange(1.0, 5.0))
 
-  z_star, stats = deq.fixed_point(tanh_cell, params, x, jnp.zeros((3, 4)),
-                                  forward=config)
-  reference = jnp.zeros((3, 4))
-  for _ in range(400):
-    reference = tanh_cell(params, reference, x)
+  z_star, stats = jax.jit(lambda p: deq.fixed_point(
+      tanh_cell, p, x, jnp.zeros((3, 4)), forward=config))(params)
+  reference = jax.lax.fori_loop(0, 400, lambda _, z: tanh_cell(params, z, x),
+                                jnp.zeros((3, 4)))
   np.testing.assert_allclose(z_star, reference, atol=1e-11)
   assert bool(stats.all_converged)
   got = jax.jit(jax.grad(loss))(params)
@@ -183,7 +182,8 @@ def test_user_solver_in_deq_module_stats_gradients_and_jacobian_term(secant,
   own = deq.SolverConfig(name=secant, max_iter=60, tol=1e-12, stop_mode='abs')
   model, cell = _deq_model(own, deq.BackwardConfig(solver=own))
   params = model.init(jax.random.PRNGKey(0), x)
-  (z_star, info) = model.apply(params, x)
+  apply = jax.jit(model.apply)
+  (z_star, info) = apply(params, x)
   # Forward statistics: those of the returned z*, recomputed.
   inner = hk.without_apply_rng(hk.transform(cell))
   cell_params = deq.cell_params(params, 'deq')
@@ -195,8 +195,8 @@ def test_user_solver_in_deq_module_stats_gradients_and_jacobian_term(secant,
   assert 2 <= float(info['forward_nfe']) < 60
   # Gradients of a loss of z*: the dense implicit-function-theorem solve.
   weights = jnp.arange(1.0, 5.0)
-  grads = jax.grad(lambda p: jnp.sum(jnp.sin(model.apply(p, x)[0]) * weights))(
-      params)
+  grads = jax.jit(jax.grad(
+      lambda p: jnp.sum(jnp.sin(model.apply(p, x)[0]) * weights)))(params)
   want = dense_ift_grad(lambda p, z, xx: inner.apply(p, z, xx), cell_params, x,
                         z_star, jnp.cos(z_star) * weights)
   for g, w in zip(jax.tree.leaves(deq.cell_params(grads, 'deq')),
@@ -207,12 +207,13 @@ def test_user_solver_in_deq_module_stats_gradients_and_jacobian_term(secant,
   anderson = deq.SolverConfig(name='anderson', max_iter=60, tol=1e-12,
                               stop_mode='abs', ridge=1e-10)
   reference_model, _ = _deq_model(anderson, deq.BackwardConfig(solver=anderson))
-  _, reference_info = reference_model.apply(params, x)
+  _, reference_info = jax.jit(reference_model.apply)(params, x)
   np.testing.assert_allclose(info['jacobian_loss'],
                              reference_info['jacobian_loss'], rtol=1e-9)
-  jac_grad = jax.grad(lambda p: model.apply(p, x)[1]['jacobian_loss'])(params)
-  ref_grad = jax.grad(lambda p: reference_model.apply(p, x)[1][
-      'jacobian_loss'])(params)
+  jac_grad = jax.jit(jax.grad(
+      lambda p: model.apply(p, x)[1]['jacobian_loss']))(params)
+  ref_grad = jax.jit(jax.grad(
+      lambda p: reference_model.apply(p, x)[1]['jacobian_loss']))(params)
   for g, w in zip(jax.tree.leaves(jac_grad), jax.tree.leaves(ref_grad)):
     np.testing.assert_allclose(g, w, rtol=1e-8, atol=1e-12)
   assert float(info['jacobian_loss']) > 0
