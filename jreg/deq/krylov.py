@@ -156,10 +156,9 @@ class _GmresState(NamedTuple):
   beta: jax.Array   # [B] ||r0||
   basis: jax.Array  # [B, m+1, D] Arnoldi vectors v_0..v_j (zeros after)
   hess: jax.Array   # [B, m+1, m] Hessenberg matrix H (A V_j = V_{j+1} H)
-  tri: jax.Array    # [B, m+1, m] H after the Givens rotations (upper tri.)
-  cs: jax.Array     # [B, m] rotation cosines (1 for unused slots)
-  sn: jax.Array     # [B, m] rotation sines (0 for unused slots)
-  g: jax.Array      # [B, m+1] rotated beta e_1
+  tri: jax.Array    # [B, m+1, m] Q H, upper triangular
+  rot: jax.Array    # [B, m+1, m+1] Q, the product of the Givens rotations
+  g: jax.Array      # [B, m+1] Q beta e_1
   j: jax.Array      # int32 [B] Arnoldi vectors applied in this cycle
 
 
@@ -177,7 +176,7 @@ def _gmres_method(m):
           basis=jnp.zeros((batch, m + 1, dim), acc).at[:, 0].set(v0),
           hess=jnp.zeros((batch, m + 1, m), acc),
           tri=jnp.zeros((batch, m + 1, m), acc),
-          cs=jnp.ones((batch, m), acc), sn=jnp.zeros((batch, m), acc),
+          rot=jnp.broadcast_to(jnp.eye(m + 1, dtype=acc), (batch, m + 1, m + 1)),
           g=jnp.zeros((batch, m + 1), acc).at[:, 0].set(beta),
           j=jnp.zeros((batch,), jnp.int32))
 
@@ -218,26 +217,30 @@ def _gmres_method(m):
       column_j = jax.nn.one_hot(state.j, m, dtype=acc)[:, None, :]  # [B, 1, m]
       hess = state.hess + column_j * col[:, :, None]
 
-      def rotate(i, col):  # the rotations of earlier columns
-        a, b = col[:, i], col[:, i + 1]
-        c, s = state.cs[:, i], state.sn[:, i]
-        return col.at[:, i].set(c * a + s * b).at[:, i + 1].set(-s * a + c * b)
-
-      col = lax.fori_loop(0, m, rotate, col)
+      # The earlier rotations (their product Q), then the rotation G_j that
+      # zeroes entry j+1 of the column: rows j, j+1 of Q and g turn by G_j.
+      col = jnp.einsum('bik,bk->bi', state.rot, col)
       a, b = _dot(col, at_j), _dot(col, at_next)
       radius = jnp.hypot(a, b)
       c = jnp.where(radius > 0, a / jnp.where(radius > 0, radius, 1.0), 1.0)
       s = _safe_div(b, radius)
       col = col + at_j * (radius - a)[:, None] - at_next * b[:, None]
-      g_j = _dot(state.g, at_j)
-      g = state.g + at_j * ((c - 1.0) * g_j)[:, None] - at_next * (
-          s * g_j)[:, None]
-      slot = jax.nn.one_hot(state.j, m, dtype=acc)
+
+      def turn(x):  # G_j on the rows j, j+1 of x [B, m+1, ...]
+        tail = (1,) * (x.ndim - 2)  # x [B, m+1, *tail]
+        x_j = jnp.einsum('bi,bi...->b...', at_j, x)
+        x_next = jnp.einsum('bi,bi...->b...', at_next, x)
+        cos, sin = c.reshape((-1,) + tail), s.reshape((-1,) + tail)
+        new_j = cos * x_j + sin * x_next
+        new_next = cos * x_next - sin * x_j
+        return (x + at_j.reshape(at_j.shape + tail) * (new_j - x_j)[:, None]
+                + at_next.reshape(at_next.shape + tail)
+                * (new_next - x_next)[:, None])
+
       return state._replace(
           basis=state.basis + at_next[:, :, None] * v_next[:, None, :],
           hess=hess, tri=state.tri + column_j * col[:, :, None],
-          cs=state.cs + slot * (c - 1.0)[:, None],
-          sn=state.sn + slot * s[:, None], g=g, j=state.j + 1)
+          rot=turn(state.rot), g=turn(state.g), j=state.j + 1)
 
     return _Method(restart, current, direction, absorb,
                    fresh=lambda state: state.j == 0,
