@@ -3,7 +3,12 @@
 Public API (stable; additions only):
 
   solvers     SolverConfig, SolverStats, solve, fixed_point_iteration,
-              anderson, broyden, flatten_batch
+              anderson, broyden, flatten_batch; the solver registry:
+              register_solver, unregister_solver, registered_solvers,
+              get_solver, RegisteredSolver; for writing solvers:
+              fixed_point_loop, point_stats, residuals
+  krylov      gmres, bicgstab (affine maps only: the backward solve;
+              registered as 'gmres', 'bicgstab')
   implicit    BackwardConfig, fixed_point, unrolled_fixed_point,
               probe_to_metrics, STATS_PROBE_SIZE, fixed_point_states
   correction  fp_correction, correction_weights, state_indices
@@ -28,6 +33,8 @@ from jreg.deq.jacobian import jacobian_frobenius_estimate
 from jreg.deq.jacobian import jacobian_frobenius_exact
 from jreg.deq.jacobian import regularization_gate
 from jreg.deq.jacobian import spectral_radius
+from jreg.deq.krylov import bicgstab
+from jreg.deq.krylov import gmres
 from jreg.deq.module import cell_params
 from jreg.deq.module import DEQ
 from jreg.deq.module import step_count
@@ -37,10 +44,18 @@ from jreg.deq.reversible import reversible_iteration
 from jreg.deq.solvers import anderson
 from jreg.deq.solvers import broyden
 from jreg.deq.solvers import fixed_point_iteration
+from jreg.deq.solvers import fixed_point_loop
 from jreg.deq.solvers import flatten_batch
+from jreg.deq.solvers import get_solver
+from jreg.deq.solvers import point_stats
+from jreg.deq.solvers import register_solver
+from jreg.deq.solvers import registered_solvers
+from jreg.deq.solvers import RegisteredSolver
+from jreg.deq.solvers import residuals
 from jreg.deq.solvers import solve
 from jreg.deq.solvers import SolverConfig
 from jreg.deq.solvers import SolverStats
+from jreg.deq.solvers import unregister_solver
 
 __all__ = (
     'BackwardConfig', 'DEQ', 'cell_params', 'SolverConfig', 'SolverStats',
@@ -52,4 +67,7 @@ __all__ = (
     'step_count', 'unrolled_fixed_point', 'value_and_grad',
     'correction_weights', 'fixed_point_states', 'fp_correction',
     'state_indices',
+    'RegisteredSolver', 'bicgstab', 'fixed_point_loop', 'get_solver', 'gmres',
+    'point_stats', 'register_solver', 'registered_solvers', 'residuals',
+    'unregister_solver',
 )

@@ -152,14 +152,17 @@ def fixed_point(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
       per-call randomness (dropout masks) belongs here so that it is the same
       at every iteration.
     z0: initial point (no gradient flows into it).
-    forward: the forward solver's settings.
-    backward: the backward mode and solver settings.
+    forward: the forward solver's settings (a solver for nonlinear maps:
+      affine-only ones such as 'gmres' are refused).
+    backward: the backward mode and solver settings (any registered solver,
+      'gmres' and 'bicgstab' included: the backward map is affine).
     stats_probe: optional float32 [4]; its gradient is the backward stats
       (see module docstring).
 
   Returns:
     (z*, SolverStats of the forward solve).
   """
+  solvers.get_solver(forward.name, nonlinear=True)  # refuses affine-only ones
   if backward.mode == 'reversible':
     from jreg.deq import reversible  # pylint: disable=g-import-not-at-top
     return reversible.reversible_fixed_point(cell, params, x, z0,
@@ -285,10 +288,10 @@ def fixed_point_states(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
   if stats_probe is None:
     stats_probe = jnp.zeros((STATS_PROBE_SIZE,), jnp.float32)
   indices = tuple(int(k) for k in indices)
-  if indices and 'reversible' in (forward.name, backward.mode):
+  if indices and backward.mode == 'reversible':
     raise ValueError('Fixed-point correction (supervise_states) does not '
-                     'record the states of the reversible solver; use '
-                     "'fixed_point', 'anderson' or 'broyden' forward.")
+                     'work with the reversible backward mode; use '
+                     "'implicit', 'phantom' or 'jfb'.")
   if not indices:
     z_star, stats = fixed_point(cell, params, x, z0, forward=forward,
                                 backward=backward, stats_probe=stats_probe)

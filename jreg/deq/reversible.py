@@ -297,3 +297,8 @@ def reversible_fixed_point(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
   if stats_probe is None:
     stats_probe = jnp.zeros((implicit.STATS_PROBE_SIZE,), jnp.float32)
   return _reversible_fixed_point(cell, forward, params, x, z0, stats_probe)
+
+
+solvers.register_solver('reversible', lambda f, z0, config: reversible_iteration(
+    f, z0, beta=config.damping, max_iter=config.max_iter, tol=config.tol,
+    stop_mode=config.stop_mode, unroll=config.unroll))

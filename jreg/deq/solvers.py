@@ -27,6 +27,14 @@ With `unroll=True` the loop is written out as straight-line code for exactly
 `max_iter` evaluations (no `lax.while_loop`, no early stop; `tol` then only
 decides the `converged` flag). This exists because XLA:CPU runs some ops
 (convolution gradients) much slower inside while loops; see BUILD_NOTES.md (DEQ layers).
+
+Solvers are looked up by name in a registry (`register_solver`,
+`registered_solvers`, `get_solver`); `solve` dispatches through it. A solver
+is a function `solve_fn(f, z0, config) -> (z, SolverStats)`;
+`fixed_point_loop` gives a user's solver this module's stopping rule and
+statistics. Solvers registered with `affine_only=True` (the Krylov methods of
+`jreg.deq.krylov`) are valid only for affine maps, such as the backward
+system of the implicit function theorem.
 """
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -77,8 +85,10 @@ class SolverConfig(NamedTuple):
   """Hashable settings of one solve (usable as a static argument).
 
   Attributes:
-    name: 'fixed_point' | 'anderson' | 'broyden' | 'reversible'
-      (`jreg.deq.reversible`; its relaxation beta is `damping`).
+    name: a registered solver: 'fixed_point' | 'anderson' | 'broyden' |
+      'reversible' (`jreg.deq.reversible`; its relaxation beta is
+      `damping`) | 'gmres' | 'bicgstab' (the last two for affine maps only)
+      or a name added by `register_solver`.
     max_iter: the evaluation budget (max NFE), >= 1.
     tol: tolerance on the residual chosen by `stop_mode`; 0 runs the budget out.
     stop_mode: 'abs' or 'rel' (see module docstring).
@@ -92,6 +102,8 @@ class SolverConfig(NamedTuple):
     broyden_rank: number of low-rank Broyden updates kept (oldest replaced);
       None keeps all (max_iter), as locuslab/deq does.
     unroll: straight-line loop of exactly max_iter evaluations (see above).
+    restart: GMRES restart length m (Krylov vectors per cycle); None: as
+      many as the budget allows (max_iter - 2).
   """
   name: str = 'anderson'
   max_iter: int = 30
@@ -103,6 +115,7 @@ class SolverConfig(NamedTuple):
   broyden_rank: Optional[int] = None
   unroll: bool = False
   ridge_relative: bool = True
+  restart: Optional[int] = None
 
 
 def flatten_batch(tree: PyTree):
@@ -464,6 +477,158 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
   return _unflatten_outputs(out, unflatten)
 
 
+# ------------------------------------------------- building blocks, registry
+
+
+def residuals(fz: jax.Array, z: jax.Array):
+  """Per-example residuals of rows z, fz = f(z) ([B, D]): (abs [B], rel [B]).
+
+  abs = ||f(z) - z||_2,  rel = ||f(z) - z||_2 / (||f(z)||_2 + 1e-8), computed
+  in float32 for low-precision states (module docstring).
+  """
+  return _residuals(fz, z)
+
+
+def point_stats(z: jax.Array, fz: jax.Array, nfe, tol: float,
+                stop_mode: str) -> SolverStats:
+  """`SolverStats` of a returned point z ([B, D]) at which f was evaluated.
+
+  Args:
+    z: the returned rows.
+    fz: f(z), evaluated (so the residuals are exact).
+    nfe: evaluations of f the solve made, including fz.
+    tol, stop_mode: see `SolverConfig`; converged = residual <= tol.
+  """
+  best = _init_best(z, fz)
+  return SolverStats(nfe=jnp.asarray(nfe, jnp.int32),
+                     abs_residual=best.abs_res, rel_residual=best.rel_res,
+                     converged=_converged(best, tol, stop_mode))
+
+
+def fixed_point_loop(f: Callable[[PyTree], PyTree], z0: PyTree,
+                     config: SolverConfig,
+                     update: Callable[[jax.Array, jax.Array, Any],
+                                      tuple[jax.Array, Any]],
+                     init_state: Callable[[jax.Array, jax.Array], Any] = (
+                         lambda z, fz: ())):
+  """Runs a user's iteration z_{k+1} = update(z_k, f(z_k), state) to a fixed point.
+
+  The loop of the built-in solvers: f is evaluated at z0 and at every new
+  point; each example keeps its lowest-residual evaluated point; the batch
+  stops when every example has converged (residual by `config.stop_mode` <=
+  `config.tol`) or after `config.max_iter` evaluations (`config.unroll`:
+  exactly max_iter, straight-line). So a solver written with it gets the
+  statistics and stopping rule of the module docstring.
+
+  Args:
+    f: the map (batched pytree -> pytree).
+    z0: initial point.
+    config: max_iter, tol, stop_mode, unroll are used; other fields are the
+      solver's to read.
+    update: (z [B, D], fz [B, D], state) -> (z_next [B, D], state_next), on
+      the flattened rows (`flatten_batch`); state is any pytree of arrays
+      whose shapes do not change.
+    init_state: (z0 [B, D], f(z0) [B, D]) -> the first state.
+
+  Returns:
+    (z, SolverStats), z the lowest-residual evaluated point, shaped as z0.
+  """
+  _check(config.max_iter, config.stop_mode)
+  flat0, unflatten = flatten_batch(z0)
+  ff = lambda z: flatten_batch(f(unflatten(z)))[0]
+
+  def init():
+    fz = ff(flat0)
+    return (flat0, fz, init_state(flat0, fz)), _init_best(flat0, fz), 1
+
+  def step(carry, best):
+    z, fz, state = carry
+    z, state = update(z, fz, state)
+    fz = ff(z)
+    return (z, fz, state), _update_best(best, z, fz, config.stop_mode)
+
+  z, stats = _run(init, step, config.max_iter, config.tol, config.stop_mode,
+                  config.unroll)
+  return unflatten(z), stats
+
+
+class RegisteredSolver(NamedTuple):
+  """A solver of the registry."""
+  name: str
+  solve_fn: Callable    # (f, z0, SolverConfig) -> (z, SolverStats)
+  affine_only: bool     # valid only for affine f(z) = L z + b
+  records_states: bool  # solve_fn takes `record=` (fixed-point correction)
+
+
+_REGISTRY: dict[str, RegisteredSolver] = {}
+
+
+def register_solver(name: str, solve_fn: Callable, *,
+                    affine_only: bool = False, records_states: bool = False,
+                    replace: bool = False):
+  """Makes `solve_fn` available as `SolverConfig(name=name)`.
+
+  Args:
+    name: the solver's name in configs (`deq.forward.solver`, ...).
+    solve_fn: (f, z0, config: SolverConfig) -> (z, SolverStats), with the
+      statistics of the module docstring (`fixed_point_loop` provides them).
+    affine_only: the solver is valid only for affine maps f(z) = L z + b (the
+      backward solve of the implicit function theorem); refused as a forward
+      solver (`get_solver(name, nonlinear=True)`).
+    records_states: `solve_fn(f, z0, config, record=ks)` also returns the
+      iterates after ks evaluations (see `solve`), as the built-ins do; needed
+      for fixed-point correction (`jreg.deq.fixed_point_states`).
+    replace: allow replacing a registered name.
+
+  Returns:
+    solve_fn.
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f'A solver name must be a non-empty string, got {name!r}.')
+  if name in _REGISTRY and not replace:
+    raise ValueError(f'A solver named {name!r} is already registered; pass '
+                     'replace=True to replace it.')
+  _REGISTRY[name] = RegisteredSolver(name, solve_fn, bool(affine_only),
+                                    bool(records_states))
+  return solve_fn
+
+
+def unregister_solver(name: str) -> None:
+  """Removes a registered solver (`get_solver` then refuses its name)."""
+  get_solver(name)
+  del _REGISTRY[name]
+
+
+def registered_solvers(*, nonlinear: bool = False) -> tuple[str, ...]:
+  """Names of the registered solvers, in registration order.
+
+  Args:
+    nonlinear: only those valid for nonlinear maps (not `affine_only`).
+  """
+  return tuple(name for name, entry in _REGISTRY.items()
+               if not (nonlinear and entry.affine_only))
+
+
+def get_solver(name: str, *, nonlinear: bool = False) -> RegisteredSolver:
+  """The registry entry of `name`; one-sentence ValueError if there is none.
+
+  Args:
+    name: a registered name.
+    nonlinear: the map to solve is nonlinear (a forward solve): refuse
+      solvers registered with `affine_only=True`.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown solver {name!r}; the registered solvers are '
+                     f'{", ".join(map(repr, _REGISTRY))}.')
+  entry = _REGISTRY[name]
+  if nonlinear and entry.affine_only:
+    raise ValueError(
+        f'Solver {name!r} solves affine maps only (the backward solve), so it '
+        'cannot solve the forward fixed point; use one of '
+        f'{", ".join(map(repr, registered_solvers(nonlinear=True)))}.')
+  return entry
+
+
 def solve(f: Callable[[PyTree], PyTree], z0: PyTree, config: SolverConfig,
           record: tuple = ()):
   """Runs the solver named by `config` on f from z0; returns (z, SolverStats).
@@ -472,22 +637,33 @@ def solve(f: Callable[[PyTree], PyTree], z0: PyTree, config: SolverConfig,
   returns (z, SolverStats, states): states[j] is the point the same solve
   returns with `max_iter=k_j` (the lowest-residual point after k_j
   evaluations of f, f(z0) included; the final point where the loop stopped
-  before k_j), a pytree like z0.
+  before k_j), a pytree like z0. Only solvers registered with
+  `records_states=True` record (the built-in fixed-point, Anderson and
+  Broyden solvers).
   """
-  common = dict(max_iter=config.max_iter, tol=config.tol,
-                stop_mode=config.stop_mode, unroll=config.unroll)
-  if record:
-    common['record'] = tuple(record)
-  if config.name == 'fixed_point':
-    return fixed_point_iteration(f, z0, damping=config.damping, **common)
-  if config.name == 'anderson':
-    return anderson(f, z0, history=config.history, ridge=config.ridge,
-                    damping=config.damping,
-                    ridge_relative=config.ridge_relative, **common)
-  if config.name == 'broyden':
-    return broyden(f, z0, rank=config.broyden_rank, **common)
-  if config.name == 'reversible':
-    from jreg.deq import reversible  # pylint: disable=g-import-not-at-top
-    return reversible.reversible_iteration(f, z0, beta=config.damping, **common)
-  raise ValueError(f"Unknown solver {config.name!r}; use 'fixed_point', "
-                   "'anderson', 'broyden' or 'reversible'.")
+  entry = get_solver(config.name)
+  if not record:
+    return entry.solve_fn(f, z0, config)
+  if not entry.records_states:
+    raise ValueError(
+        f'Solver {config.name!r} does not record its intermediate states; '
+        'fixed-point correction needs one of '
+        f'{", ".join(repr(n) for n, e in _REGISTRY.items() if e.records_states)}.')
+  return entry.solve_fn(f, z0, config, record=tuple(record))
+
+
+def _common(config: SolverConfig) -> dict:
+  return dict(max_iter=config.max_iter, tol=config.tol,
+              stop_mode=config.stop_mode, unroll=config.unroll)
+
+
+register_solver('fixed_point', lambda f, z0, config, **record: (
+    fixed_point_iteration(f, z0, damping=config.damping, **_common(config),
+                          **record)), records_states=True)
+register_solver('anderson', lambda f, z0, config, **record: anderson(
+    f, z0, history=config.history, ridge=config.ridge, damping=config.damping,
+    ridge_relative=config.ridge_relative, **_common(config), **record),
+                records_states=True)
+register_solver('broyden', lambda f, z0, config, **record: broyden(
+    f, z0, rank=config.broyden_rank, **_common(config), **record),
+                records_states=True)

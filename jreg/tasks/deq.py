@@ -18,19 +18,25 @@ import jax.numpy as jnp
 
 from jreg import deq as deq_lib
 
-SOLVERS = ('broyden', 'anderson', 'fixed_point', 'reversible')
 STOP_MODES = ('abs', 'rel')
 BACKWARD_MODES = ('implicit', 'phantom', 'jfb', 'reversible')
 
 
 def solver_config(group: Mapping[str, Any], name: str = 'deq.forward',
+                  *, affine: bool = False,
                   **changes) -> deq_lib.SolverConfig:
   """`jreg.deq.SolverConfig` of a config's solver group, range-checked.
+
+  `solver` is any name of the solver registry (`jreg.deq.registered_solvers`,
+  including those added by `jreg.deq.register_solver`).
 
   Args:
     group: a mapping with `solver`, `max_iter`, `tol`, `stop_mode`, and
       optionally `damping` (the 'reversible' solver's beta, required there).
     name: the group's dotted name, for error messages.
+    affine: the group solves an affine map (the backward solve), so solvers
+      registered as affine-only ('gmres', 'bicgstab') are allowed; False (a
+      forward solve) refuses them.
     **changes: fields to replace (e.g. `max_iter` of an evaluation budget).
 
   Raises:
@@ -41,9 +47,13 @@ def solver_config(group: Mapping[str, Any], name: str = 'deq.forward',
   if 'damping' in group:
     values['damping'] = group['damping']
   values.update(changes)
-  if values['name'] not in SOLVERS:
-    raise ValueError(f'{name}.solver must be one of {SOLVERS}, got '
-                     f'{values["name"]!r}.')
+  allowed = deq_lib.registered_solvers(nonlinear=not affine)
+  if values['name'] not in allowed:
+    affine_only = values['name'] in deq_lib.registered_solvers()
+    raise ValueError(
+        f'{name}.solver must be one of {allowed}, got {values["name"]!r}'
+        + (' (a solver for affine maps, valid only for the backward solve).'
+           if affine_only else '.'))
   if values['max_iter'] < 1:
     raise ValueError(f'{name}.max_iter must be >= 1, got {values["max_iter"]}.')
   if values['tol'] < 0:
@@ -69,8 +79,8 @@ def backward_config(group: Mapping[str, Any],
     raise ValueError(f'{name}.mode must be one of {BACKWARD_MODES}, got {mode!r}.')
   extra = {key: group[key] for key in ('phantom_steps', 'phantom_damping')
            if key in group}
-  return deq_lib.BackwardConfig(mode=mode, solver=solver_config(group, name),
-                                **extra)
+  return deq_lib.BackwardConfig(
+      mode=mode, solver=solver_config(group, name, affine=True), **extra)
 
 
 def check_jacobian(group: Mapping[str, Any]) -> None:
