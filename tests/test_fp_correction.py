@@ -195,10 +195,14 @@ def tanh_cell_lin(params, z, x):
   return jnp.tanh(z @ lin['w'] + lin['b'] + x)
 
 
-def test_reversible_solver_is_refused_with_a_sentence():
+def test_solvers_that_do_not_record_are_refused_with_a_sentence():
   params, x, z0 = _problem()
   forward = deq.SolverConfig(name='reversible', max_iter=6, tol=0.0,
                              damping=0.8)
-  with pytest.raises(ValueError, match='does not record the states of the '
-                                       'reversible solver'):
+  with pytest.raises(ValueError, match="Solver 'reversible' does not record "
+                                       'its intermediate states'):
     deq.fixed_point_states(tanh_cell, params, x, z0, (2,), forward=forward)
+  with pytest.raises(ValueError, match='does not work with the reversible '
+                                       'backward mode'):
+    deq.fixed_point_states(tanh_cell, params, x, z0, (2,), forward=forward,
+                           backward=deq.BackwardConfig(mode='reversible'))
