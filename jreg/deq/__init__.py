@@ -6,6 +6,7 @@ Public API (stable; additions only):
               anderson, broyden, flatten_batch
   implicit    BackwardConfig, fixed_point, unrolled_fixed_point,
               probe_to_metrics, STATS_PROBE_SIZE
+  precision   mixed_precision_cell (a cell evaluated in bfloat16 / float16)
   jacobian    jacobian_frobenius_estimate, jacobian_frobenius_exact,
               spectral_radius, regularization_gate
   module      DEQ (Haiku), value_and_grad (grad_fn with backward stats),
@@ -25,6 +26,7 @@ from jreg.deq.module import cell_params
 from jreg.deq.module import DEQ
 from jreg.deq.module import step_count
 from jreg.deq.module import value_and_grad
+from jreg.deq.precision import mixed_precision_cell
 from jreg.deq.solvers import anderson
 from jreg.deq.solvers import broyden
 from jreg.deq.solvers import fixed_point_iteration
@@ -38,6 +40,7 @@ __all__ = (
     'STATS_PROBE_SIZE',
     'anderson', 'broyden', 'fixed_point', 'fixed_point_iteration',
     'flatten_batch', 'jacobian_frobenius_estimate', 'jacobian_frobenius_exact',
+    'mixed_precision_cell',
     'probe_to_metrics', 'regularization_gate', 'solve', 'spectral_radius',
     'step_count', 'unrolled_fixed_point', 'value_and_grad',
 )

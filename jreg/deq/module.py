@@ -31,6 +31,7 @@ from jax import lax
 
 from jreg.deq import implicit
 from jreg.deq import jacobian
+from jreg.deq import precision
 from jreg.deq import solvers
 
 PyTree = Any
@@ -99,6 +100,7 @@ class DEQ(hk.Module):
                jacobian_vectors: int = 1,
                spectral_radius_iters: int = 50,
                report_backward_stats: bool = True,
+               compute_dtype=None,
                name: Optional[str] = None):
     """Builds the layer.
 
@@ -119,6 +121,14 @@ class DEQ(hk.Module):
         Under any other gradient (`jax.grad`, `jreg.train.value_and_grad`)
         there is no probe and the gradients are the same. Only used with
         backward mode 'implicit'.
+      compute_dtype: None / 'float32' (everything in the parameters' and
+        state's dtype), 'bfloat16' or 'float16': every evaluation of the
+        cell, and every VJP of it (backward solve, unrolled pre-training,
+        Jacobian term, spectral radius), runs in that dtype, while the
+        parameters (master weights), their gradients, the solver state and
+        the solvers' arithmetic stay float32
+        (`jreg.deq.precision.mixed_precision_cell`; Micikevicius et al.,
+        ICLR 2018). Parameters are created by the uncast cell, in float32.
       name: module name.
     """
     super().__init__(name=name)
@@ -130,6 +140,7 @@ class DEQ(hk.Module):
     self.spectral_radius_iters = spectral_radius_iters
     self.report_backward_stats = (report_backward_stats and
                                   backward.mode == 'implicit')
+    self.compute_dtype = precision.compute_dtype_of(compute_dtype)
 
   def __call__(self, x: PyTree, z0: PyTree, *, unrolled: bool = False,
                jacobian_loss=False, spectral_radius: bool = False,
@@ -155,7 +166,8 @@ class DEQ(hk.Module):
     init_rng = hk.next_rng_key() if hk.running_init() else None
     params = hk.lift(self._cell.init, name='cell', allow_reuse=True)(
         init_rng, z0, x)
-    cell = self._cell.apply  # (params, z, x) -> z
+    cell = precision.mixed_precision_cell(  # (params, z, x) -> z
+        self._cell.apply, self.compute_dtype)
     probe = None
     slots = _PROBE_SLOTS.get()
     if self.report_backward_stats and slots is not None:
