@@ -51,10 +51,11 @@ channels on the small [B, C] arrays:
 on XLA:CPU); it is differentiated by autodiff (forward and reverse mode).
 The one-pass variance loses precision when |mean| >> std (float32 keeps
 about 7 digits of E[x^2]); normalised DEQ activations are far from that.
-For bfloat16 / float16 inputs the statistics are accumulated in float32 and
-only the normalisation y = x * gain + bias runs in the input's dtype
-(reductions in float32: Micikevicius et al., "Mixed Precision Training",
-ICLR 2018, Sec. 3.3).
+For bfloat16 / float16 inputs the statistics and the normalisation are
+computed in float32 and only y is rounded to the input's dtype (reductions
+in float32: Micikevicius et al., "Mixed Precision Training", ICLR 2018,
+Sec. 3.3; x * gain + bias in low precision would cancel digits when
+|mean| >> std).
 """
 from __future__ import annotations
 
@@ -213,17 +214,18 @@ def group_norm(x: jax.Array, groups: int, scale: Optional[jax.Array] = None,
   acc = jnp.promote_types(x.dtype, jnp.float32)  # dtype of the statistics
   if _resolve(impl) == 'xla':
     grouped = flat.reshape(batch, -1, groups, per_group)  # [B, N, G, C/G]
-    mean = jnp.mean(grouped, axis=(1, 3), keepdims=True, dtype=acc)
-    var = jnp.var(grouped, axis=(1, 3), keepdims=True, dtype=acc)
-    normed = ((grouped - mean.astype(x.dtype)) *
-              lax.rsqrt(var + eps).astype(x.dtype)).reshape(flat.shape)
+    grouped = grouped.astype(acc)
+    mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
+    var = jnp.var(grouped, axis=(1, 3), keepdims=True)
+    normed = ((grouped - mean) * lax.rsqrt(var + eps)).reshape(flat.shape)
     if scale is not None:
       normed = normed * scale
     if offset is not None:
       normed = normed + offset
-    return normed.reshape(x.shape)
-  sums = jnp.sum(flat, axis=1, dtype=acc)        # [B, C]
-  square_sums = jnp.sum(jnp.square(flat.astype(acc)), axis=1)  # [B, C]
+    return normed.reshape(x.shape).astype(x.dtype)
+  flat = flat.astype(acc)
+  sums = jnp.sum(flat, axis=1)                    # [B, C]
+  square_sums = jnp.sum(jnp.square(flat), axis=1)  # [B, C]
   mean = jnp.sum(sums.reshape(batch, groups, per_group), -1) / count  # [B, G]
   mean_square = jnp.sum(square_sums.reshape(batch, groups, per_group),
                         -1) / count
@@ -234,8 +236,8 @@ def group_norm(x: jax.Array, groups: int, scale: Optional[jax.Array] = None,
   bias = -jnp.repeat(mean, per_group, axis=1) * gain
   if offset is not None:
     bias = bias + offset
-  gain, bias = gain.astype(x.dtype), bias.astype(x.dtype)
-  return (flat * gain[:, None, :] + bias[:, None, :]).reshape(x.shape)
+  out = flat * gain[:, None, :] + bias[:, None, :]
+  return out.reshape(x.shape).astype(x.dtype)
 
 
 class Conv2D(hk.Module):
