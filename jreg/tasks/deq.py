@@ -81,7 +81,7 @@ def compute_dtype(group: Mapping[str, Any], name: str = 'deq.compute_dtype'):
   bfloat16 / float16 units; on CPU the option is for correctness checks.
 
   Returns:
-    None (float32), `jnp.bfloat16` or `jnp.float16`, for `jreg.deq.DEQ`'s
+    None (float32) or the bfloat16 / float16 dtype, for `jreg.deq.DEQ`'s
     `compute_dtype`.
 
   Raises:
