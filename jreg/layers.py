@@ -52,6 +52,12 @@ on XLA:CPU); it is differentiated by autodiff (forward and reverse mode).
 The one-pass variance loses precision when |mean| >> std (float32 keeps
 about 7 digits of E[x^2]); normalised DEQ activations are far from that.
 
+For bfloat16 / float16 inputs the statistics and the normalisation are
+computed in float32 and only y is rounded to the input's dtype (reductions
+in float32: Micikevicius et al., "Mixed Precision Training", ICLR 2018,
+Sec. 3.3; x * gain + bias in low precision would cancel digits when
+|mean| >> std).
+
 `spectral_normalize` wraps any Haiku function so that its weight matrices
 and kernels are divided by their largest singular value, estimated by power
 iteration without Haiku state (Miyato et al., ICLR 2018; see below).
@@ -210,8 +216,10 @@ def group_norm(x: jax.Array, groups: int, scale: Optional[jax.Array] = None,
   batch, per_group = x.shape[0], channels // groups
   flat = x.reshape(batch, -1, channels)  # [B, N, C]
   count = flat.shape[1] * per_group
+  acc = jnp.promote_types(x.dtype, jnp.float32)  # dtype of the statistics
   if _resolve(impl) == 'xla':
     grouped = flat.reshape(batch, -1, groups, per_group)  # [B, N, G, C/G]
+    grouped = grouped.astype(acc)
     mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
     var = jnp.var(grouped, axis=(1, 3), keepdims=True)
     normed = ((grouped - mean) * lax.rsqrt(var + eps)).reshape(flat.shape)
@@ -219,7 +227,8 @@ def group_norm(x: jax.Array, groups: int, scale: Optional[jax.Array] = None,
       normed = normed * scale
     if offset is not None:
       normed = normed + offset
-    return normed.reshape(x.shape)
+    return normed.reshape(x.shape).astype(x.dtype)
+  flat = flat.astype(acc)
   sums = jnp.sum(flat, axis=1)                    # [B, C]
   square_sums = jnp.sum(jnp.square(flat), axis=1)  # [B, C]
   mean = jnp.sum(sums.reshape(batch, groups, per_group), -1) / count  # [B, G]
@@ -232,7 +241,8 @@ def group_norm(x: jax.Array, groups: int, scale: Optional[jax.Array] = None,
   bias = -jnp.repeat(mean, per_group, axis=1) * gain
   if offset is not None:
     bias = bias + offset
-  return (flat * gain[:, None, :] + bias[:, None, :]).reshape(x.shape)
+  out = flat * gain[:, None, :] + bias[:, None, :]
+  return out.reshape(x.shape).astype(x.dtype)
 
 
 class Conv2D(hk.Module):

@@ -28,6 +28,8 @@ experiments means the same thing in both):
   model.*               the architecture
   deq.forward.*, deq.backward.*             solver, max_iter, tol, stop_mode
                         (damping: the 'reversible' solver's beta)
+  deq.compute_dtype     dtype of the equilibrium cell: 'float32' | 'bfloat16'
+                        | 'float16' (mixed precision; float32 master weights)
   jacobian.*            weight (gamma), probability (p), their *_final values,
                         num_vectors
   probe.*               NFE / accuracy-at-NFE probes
@@ -154,6 +156,9 @@ def deq(forward_nfe: int, backward_nfe: int, tol: float, stop_mode: str,
   group.backward.mode = 'implicit'     # 'implicit' | 'phantom' | 'jfb' | 'reversible'
   group.eval_max_iter = forward_nfe    # forward budget when testing
   group.pretrain_steps = pretrain_steps  # unrolled weight-tied phase
+  group.compute_dtype = 'float32'  # DEQ cell dtype: 'float32' | 'bfloat16' |
+                                   # 'float16' (params, grads, solvers stay
+                                   # float32; faster on accelerators only)
   return group
 
 

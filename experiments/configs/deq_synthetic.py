@@ -31,6 +31,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   # z is a scalar, so the residuals are absolute.
   config.deq.forward = configs.solver('broyden', 6, 1e-3, 'abs')
   config.deq.backward = configs.solver('broyden', 6, 1e-4, 'abs')
+  config.deq.compute_dtype = 'float32'  # cell dtype: 'float32' | 'bfloat16' |
+                                        # 'float16' (params, grads, solvers
+                                        # stay float32; faster on accelerators)
   config.jacobian = configs.jacobian(weight=0.0, probability=0.4)
   config.probe = ml_collections.ConfigDict()
   config.probe.max_iter = 100       # the "high limit" of the NFE-to-tolerance probe
@@ -53,6 +56,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError with one sentence for a value out of range."""
   deq_task.solver_config(config.deq.forward, 'deq.forward')
   deq_task.backward_config(config.deq.backward, 'deq.backward')
+  deq_task.compute_dtype(config.deq)
   deq_task.check_jacobian(config.jacobian)
   if min(config.sweep.jacobian_weight) < 0:
     raise ValueError('sweep.jacobian_weight (gamma) values must be >= 0, got '

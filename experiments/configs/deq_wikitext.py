@@ -59,6 +59,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   config.deq.pretrain_steps = 32_000     # unrolled weight-tied phase
   config.deq.pretrain_layers = 2         # weight-tied applications when pre-training
   config.deq.eval_pretrain_layers = 24   # unrolled depth when evaluating then
+  config.deq.compute_dtype = 'float32'   # DEQ layer dtype: 'float32' | 'bfloat16'
+                                         # | 'float16' (params, grads, solvers
+                                         # stay float32; faster on accelerators)
   config.jacobian = configs.jacobian(
       weight=1.6, probability=0.35,
       weight_final=2.5)   # gamma at the end, raised in steps of 0.1

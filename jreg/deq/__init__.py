@@ -14,6 +14,7 @@ Public API (stable; additions only):
   correction  fp_correction, correction_weights, state_indices
   reversible  reversible_iteration, reversible_fixed_point (exact O(1)-memory
               backward of BackwardConfig(mode='reversible'))
+  precision   mixed_precision_cell (a cell evaluated in bfloat16 / float16)
   jacobian    jacobian_frobenius_estimate, jacobian_frobenius_exact,
               spectral_radius, regularization_gate
   module      DEQ (Haiku), value_and_grad (grad_fn with backward stats),
@@ -39,6 +40,7 @@ from jreg.deq.module import cell_params
 from jreg.deq.module import DEQ
 from jreg.deq.module import step_count
 from jreg.deq.module import value_and_grad
+from jreg.deq.precision import mixed_precision_cell
 from jreg.deq.reversible import reversible_fixed_point
 from jreg.deq.reversible import reversible_iteration
 from jreg.deq.solvers import anderson
@@ -62,6 +64,7 @@ __all__ = (
     'STATS_PROBE_SIZE',
     'anderson', 'broyden', 'fixed_point', 'fixed_point_iteration',
     'flatten_batch', 'jacobian_frobenius_estimate', 'jacobian_frobenius_exact',
+    'mixed_precision_cell',
     'probe_to_metrics', 'regularization_gate', 'reversible_fixed_point',
     'reversible_iteration', 'solve', 'spectral_radius',
     'step_count', 'unrolled_fixed_point', 'value_and_grad',

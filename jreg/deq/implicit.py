@@ -36,6 +36,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jreg.deq import precision
 from jreg.deq import solvers
 
 PyTree = Any
@@ -142,7 +143,8 @@ def fixed_point(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
                 params: PyTree, x: PyTree, z0: PyTree, *,
                 forward: solvers.SolverConfig = solvers.SolverConfig(),
                 backward: BackwardConfig = BackwardConfig(),
-                stats_probe: Optional[jax.Array] = None):
+                stats_probe: Optional[jax.Array] = None,
+                compute_dtype=None):
   """Solves z* = cell(params, z*, x) and differentiates by `backward`.
 
   Args:
@@ -158,10 +160,14 @@ def fixed_point(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
       'gmres' and 'bicgstab' included: the backward map is affine).
     stats_probe: optional float32 [4]; its gradient is the backward stats
       (see module docstring).
+    compute_dtype: None, 'bfloat16' or 'float16': evaluate the cell (and its
+      VJPs) in that dtype, solver state and gradients in float32
+      (`jreg.deq.precision.mixed_precision_cell`).
 
   Returns:
     (z*, SolverStats of the forward solve).
   """
+  cell = precision.mixed_precision_cell(cell, compute_dtype)
   solvers.get_solver(forward.name, nonlinear=True)  # refuses affine-only ones
   if backward.mode == 'reversible':
     from jreg.deq import reversible  # pylint: disable=g-import-not-at-top

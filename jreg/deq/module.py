@@ -32,6 +32,7 @@ from jax import lax
 from jreg.deq import correction
 from jreg.deq import implicit
 from jreg.deq import jacobian
+from jreg.deq import precision
 from jreg.deq import solvers
 
 PyTree = Any
@@ -103,6 +104,7 @@ class DEQ(hk.Module):
                spectral_radius_iters: int = 50,
                report_backward_stats: bool = True,
                supervise_states: Optional[Union[int, Sequence[int]]] = None,
+               compute_dtype=None,
                name: Optional[str] = None):
     """Builds the layer.
 
@@ -132,6 +134,14 @@ class DEQ(hk.Module):
         phantom gradient from each state (`backward.phantom_steps`,
         `backward.phantom_damping`), z* with `backward`
         (`jreg.deq.fixed_point_states`). Unrolled calls return [z_N].
+      compute_dtype: None / 'float32' (everything in the parameters' and
+        state's dtype), 'bfloat16' or 'float16': every evaluation of the
+        cell, and every VJP of it (backward solve, unrolled pre-training,
+        Jacobian term, spectral radius), runs in that dtype, while the
+        parameters (master weights), their gradients, the solver state and
+        the solvers' arithmetic stay float32
+        (`jreg.deq.precision.mixed_precision_cell`; Micikevicius et al.,
+        ICLR 2018). Parameters are created by the uncast cell, in float32.
       name: module name.
     """
     super().__init__(name=name)
@@ -144,6 +154,7 @@ class DEQ(hk.Module):
     self.report_backward_stats = (report_backward_stats and
                                   backward.mode in ('implicit', 'reversible'))
     self.supervise_states = supervise_states
+    self.compute_dtype = precision.compute_dtype_of(compute_dtype)
 
   def __call__(self, x: PyTree, z0: PyTree, *, unrolled: bool = False,
                jacobian_loss=False, spectral_radius: bool = False,
@@ -170,7 +181,8 @@ class DEQ(hk.Module):
     init_rng = hk.next_rng_key() if hk.running_init() else None
     params = hk.lift(self._cell.init, name='cell', allow_reuse=True)(
         init_rng, z0, x)
-    cell = self._cell.apply  # (params, z, x) -> z
+    cell = precision.mixed_precision_cell(  # (params, z, x) -> z
+        self._cell.apply, self.compute_dtype)
     probe = None
     slots = _PROBE_SLOTS.get()
     if self.report_backward_stats and slots is not None:

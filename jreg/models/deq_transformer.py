@@ -304,8 +304,10 @@ class DEQTransformerLM(hk.Module):
                forward: deq.SolverConfig = deq.SolverConfig(),
                backward: deq.BackwardConfig = deq.BackwardConfig(),
                pretrain_layers: int = 2, eval_pretrain_layers: int = 24,
+               compute_dtype=None,
                name: Optional[str] = 'deq_transformer_lm'):
     super().__init__(name=name)
+    self.compute_dtype = compute_dtype  # the DEQ layer's dtype (jreg.deq.DEQ)
     self.config = config
     self.forward_solver = forward
     self.backward_solver = backward
@@ -360,7 +362,7 @@ class DEQTransformerLM(hk.Module):
       equilibrium = deq.DEQ(
           lambda z, x: RelativeTransformerLayer(cfg, name='layer')(z, x),
           forward=self.forward_solver, backward=self.backward_solver,
-          unrolled_steps=layers, name='deq')
+          unrolled_steps=layers, compute_dtype=self.compute_dtype, name='deq')
       z0 = jnp.zeros((batch, length, cfg.d_model), jnp.float32)
       hidden, info = equilibrium(x, z0, unrolled=unrolled,
                                  jacobian_loss=jacobian_loss,

@@ -463,12 +463,14 @@ class MDEQClassifier(hk.Module):
                forward: deq_lib.SolverConfig,
                backward: deq_lib.BackwardConfig,
                jacobian_vectors: int = 1,
+               compute_dtype=None,
                name: str | None = None):
     super().__init__(name=name)
     self.config = config
     self.forward = forward
     self.backward = backward
     self.jacobian_vectors = jacobian_vectors
+    self.compute_dtype = compute_dtype  # the cell's dtype (jreg.deq.DEQ)
 
   def __call__(self, images: jax.Array, *, is_training: bool,
                unrolled: bool = False, jacobian_loss=False,
@@ -485,7 +487,8 @@ class MDEQClassifier(hk.Module):
     deq = deq_lib.DEQ(lambda z, inputs: MDEQCell(cfg, name='mdeq_cell')(z, inputs),
                       forward=self.forward, backward=self.backward,
                       unrolled_steps=cfg.num_layers,
-                      jacobian_vectors=self.jacobian_vectors, name='deq')
+                      jacobian_vectors=self.jacobian_vectors,
+                      compute_dtype=self.compute_dtype, name='deq')
     z_star, info = deq(x, z0, unrolled=unrolled, jacobian_loss=jacobian_loss,
                        spectral_radius=spectral_radius)
     return ClassificationHead(cfg, name='head')(z_star, is_training), info

@@ -3,7 +3,8 @@
 The one translation from a config's `deq.forward.*` / `deq.backward.*` groups
 (`solver`, `max_iter`, `tol`, `stop_mode`; see `experiments/configs`) to the
 hashable `jreg.deq.SolverConfig` / `jreg.deq.BackwardConfig` the layers take,
-shared by every DEQ task, experiment, benchmark and notebook.
+and of `deq.compute_dtype` to the layers' mixed-precision dtype, shared by
+every DEQ task, experiment, benchmark and notebook.
 
 The Jacobian term of Bai, Koltun & Kolter (ICML 2021, Sec. 3.3 and Appendix
 A) is gamma(t) * ||J_f(z*)||_F^2 / d on a random fraction p(t) of the training
@@ -17,9 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from jreg import deq as deq_lib
+from jreg.deq import precision
 
 STOP_MODES = ('abs', 'rel')
 BACKWARD_MODES = ('implicit', 'phantom', 'jfb', 'reversible')
+COMPUTE_DTYPES = precision.COMPUTE_DTYPES
 
 
 def solver_config(group: Mapping[str, Any], name: str = 'deq.forward',
@@ -81,6 +84,29 @@ def backward_config(group: Mapping[str, Any],
            if key in group}
   return deq_lib.BackwardConfig(
       mode=mode, solver=solver_config(group, name, affine=True), **extra)
+
+
+def compute_dtype(group: Mapping[str, Any], name: str = 'deq.compute_dtype'):
+  """The DEQ cell's compute dtype of a config's `deq` group, range-checked.
+
+  `deq.compute_dtype` is 'float32' (the default, also when the key is
+  absent: no casting), 'bfloat16' or 'float16'; the latter two evaluate the
+  equilibrium cell and its VJPs in that dtype while parameters, gradients,
+  the solver state and the solvers stay float32
+  (`jreg.deq.precision`). The speed-up needs an accelerator with fast
+  bfloat16 / float16 units; on CPU the option is for correctness checks.
+
+  Returns:
+    None (float32) or the bfloat16 / float16 dtype, for `jreg.deq.DEQ`'s
+    `compute_dtype`.
+
+  Raises:
+    ValueError: one sentence naming the key and its allowed values.
+  """
+  value = group.get('compute_dtype', 'float32')
+  if value not in COMPUTE_DTYPES:
+    raise ValueError(f'{name} must be one of {COMPUTE_DTYPES}, got {value!r}.')
+  return precision.compute_dtype_of(value)
 
 
 def check_jacobian(group: Mapping[str, Any]) -> None:

@@ -106,6 +106,7 @@ def check(config) -> None:
   """
   deq_task.solver_config(config.deq.forward, 'deq.forward')
   deq_task.backward_config(config.deq.backward, 'deq.backward')
+  deq_task.compute_dtype(config.deq)
   deq_task.check_jacobian(config.jacobian)
   for key in ('seq_len', 'eval_seq_len'):
     if config.data[key] < 1:
@@ -140,6 +141,7 @@ def build(config, vocab_size: int) -> Built:
   cfg = model_config(config, vocab_size)
   forward_solver = deq_task.solver_config(config.deq.forward, 'deq.forward')
   backward = deq_task.backward_config(config.deq.backward, 'deq.backward')
+  compute_dtype = deq_task.compute_dtype(config.deq)
   probability = config.jacobian.probability
   use_jacobian = (cfg.architecture == 'deq' and config.jacobian.weight > 0
                   and probability > 0)
@@ -148,7 +150,8 @@ def build(config, vocab_size: int) -> Built:
     model = dtm.DEQTransformerLM(
         cfg, forward=forward_solver, backward=backward,
         pretrain_layers=config.deq.pretrain_layers,
-        eval_pretrain_layers=config.deq.eval_pretrain_layers)
+        eval_pretrain_layers=config.deq.eval_pretrain_layers,
+        compute_dtype=compute_dtype)
     step = deq_lib.step_count(increment=is_training)
     gate = False
     if is_training and not unrolled and use_jacobian:

@@ -53,11 +53,12 @@ def model(config) -> hk.TransformedWithState:
   """`apply(params, state, rng, batch, is_training) -> (loss, info)`."""
   forward_solver = deq_task.solver_config(config.deq.forward, 'deq.forward')
   backward = deq_task.backward_config(config.deq.backward, 'deq.backward')
+  compute_dtype = deq_task.compute_dtype(config.deq)
   gamma = config.jacobian.weight
 
   def forward(batch, is_training):
     layer = deq_lib.DEQ(cell_fn(config), name='deq', forward=forward_solver,
-                        backward=backward)
+                        backward=backward, compute_dtype=compute_dtype)
     apply_jr = False
     if is_training and gamma > 0:
       apply_jr = deq_lib.regularization_gate(hk.next_rng_key(),
@@ -94,7 +95,8 @@ def init_fn(config):
 
 def per_example_metrics(config):
   """`(params, model_state, batch) -> dict of [B] metrics` (jitted once)."""
-  f_apply = cell(config).apply
+  f_apply = deq_lib.mixed_precision_cell(
+      cell(config).apply, deq_task.compute_dtype(config.deq))
   train_solver = deq_task.solver_config(config.deq.forward)
   budget_only = train_solver._replace(tol=0.0)
   high_limit = train_solver._replace(max_iter=config.probe.max_iter)

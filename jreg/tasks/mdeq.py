@@ -74,6 +74,7 @@ class TrainingSettings:
   pretrain_jacobian_weight: float = 0.0  # gamma during unrolled pre-training
   jacobian_vectors: int = 1      # Hutchinson vectors M
   explicit_num_layers: int = 4   # L for network='explicit'
+  compute_dtype: Any = None      # DEQ cell dtype: None (float32) | bfloat16 | float16
 
 
 class ClassifierFns(NamedTuple):
@@ -141,7 +142,8 @@ def build_classifier(config: mdeq.MDEQConfig, settings: TrainingSettings,
                 else settings.eval_forward)
       model = mdeq.MDEQClassifier(
           config, forward=solver, backward=settings.backward,
-          jacobian_vectors=settings.jacobian_vectors, name='mdeq')
+          jacobian_vectors=settings.jacobian_vectors,
+          compute_dtype=settings.compute_dtype, name='mdeq')
       step = deq_lib.step_count(increment=is_training)
       if not is_training:
         return model(images, is_training=False)
@@ -276,7 +278,8 @@ def training_settings(config, num_steps: int) -> TrainingSettings:
       jacobian_ramp_steps=max(num_steps, 1),
       pretrain_jacobian_weight=jac.pretrain_weight,
       jacobian_vectors=jac.num_vectors,
-      explicit_num_layers=config.model.explicit_num_layers)
+      explicit_num_layers=config.model.explicit_num_layers,
+      compute_dtype=deq_task.compute_dtype(config.deq))
 
 
 def build(config, image_shape: tuple[int, int, int], num_steps: int = 1,
