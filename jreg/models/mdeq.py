@@ -463,16 +463,18 @@ class MDEQClassifier(hk.Module):
                forward: deq_lib.SolverConfig,
                backward: deq_lib.BackwardConfig,
                jacobian_vectors: int = 1,
+               spectral_radius_iters: int = 50,
                name: str | None = None):
     super().__init__(name=name)
     self.config = config
     self.forward = forward
     self.backward = backward
     self.jacobian_vectors = jacobian_vectors
+    self.spectral_radius_iters = spectral_radius_iters
 
   def __call__(self, images: jax.Array, *, is_training: bool,
                unrolled: bool = False, jacobian_loss=False,
-               spectral_radius: bool = False):
+               spectral_radius=False):
     """images [B, H, W, C] -> (logits [B, K], info dict of scalars)."""
     cfg = self.config
     injection = Stem(cfg, name='stem')(images)  # [B, H_0, W_0, C_0]
@@ -485,7 +487,9 @@ class MDEQClassifier(hk.Module):
     deq = deq_lib.DEQ(lambda z, inputs: MDEQCell(cfg, name='mdeq_cell')(z, inputs),
                       forward=self.forward, backward=self.backward,
                       unrolled_steps=cfg.num_layers,
-                      jacobian_vectors=self.jacobian_vectors, name='deq')
+                      jacobian_vectors=self.jacobian_vectors,
+                      spectral_radius_iters=self.spectral_radius_iters,
+                      name='deq')
     z_star, info = deq(x, z0, unrolled=unrolled, jacobian_loss=jacobian_loss,
                        spectral_radius=spectral_radius)
     return ClassificationHead(cfg, name='head')(z_star, is_training), info
