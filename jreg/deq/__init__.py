@@ -8,10 +8,13 @@ Public API (stable; additions only):
               probe_to_metrics, STATS_PROBE_SIZE
   jacobian    jacobian_frobenius_estimate, jacobian_frobenius_exact,
               spectral_radius, regularization_gate
+  adaptive    ControllerConfig, ControllerState, init, weight, update,
+              haiku_weight (the adaptive gamma; use as jreg.deq.adaptive.*)
   module      DEQ (Haiku), value_and_grad (grad_fn with backward stats),
               cell_params (the cell's params out of a model's params),
               step_count (Haiku-state step counter for schedules)
 """
+from jreg.deq import adaptive
 from jreg.deq.implicit import BackwardConfig
 from jreg.deq.implicit import fixed_point
 from jreg.deq.implicit import probe_to_metrics
@@ -34,7 +37,7 @@ from jreg.deq.solvers import SolverConfig
 from jreg.deq.solvers import SolverStats
 
 __all__ = (
-    'BackwardConfig', 'DEQ', 'cell_params', 'SolverConfig', 'SolverStats',
+    'BackwardConfig', 'DEQ', 'adaptive', 'cell_params', 'SolverConfig', 'SolverStats',
     'STATS_PROBE_SIZE',
     'anderson', 'broyden', 'fixed_point', 'fixed_point_iteration',
     'flatten_batch', 'jacobian_frobenius_estimate', 'jacobian_frobenius_exact',
