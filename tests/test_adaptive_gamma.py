@@ -280,3 +280,27 @@ def test_killed_adaptive_run_resumes_the_controller_bit_identically(
   assert records == reference
   jax.tree.map(np.testing.assert_array_equal, state, reference_state)
   assert float(state['~'][f'{adaptive.STATE_NAME}_count']) > 0
+
+
+def test_pmap_replicas_follow_the_law_of_the_averaged_measurement(tmp_path):
+  # Under pmap each device updates its controller from its own NFE and the
+  # engine averages the model state (lax.pmean): with no clip active that is
+  # the law applied to the device-mean NFE, which is the logged forward_nfe.
+  config = cli.get_config('deq_synthetic', 'quickstart', {
+      'num_steps': 6, 'log_every': 1, 'probe.max_iter': 20,
+      'eval_batch_size': 500, 'parallel': 'pmap', 'jacobian.adaptive': 'nfe',
+      'jacobian.weight': 1.0, 'jacobian.target': 2.0, 'jacobian.gain': 0.2,
+      'jacobian.ema': 0.5, 'sweep.jacobian_weight': (1.0,)})
+  state, history = deq_synthetic.train_run(config, str(tmp_path))
+  train = [r for r in history if r['split'] == 'train']
+  controller = deq_task.controller_config(config.jacobian)
+  expected, ema = _reference([r['forward_nfe'] for r in train], controller, 1.0)
+  np.testing.assert_allclose([r['jacobian_weight'] for r in train],
+                             expected[:-1], rtol=1e-5)
+  model_state = jax.device_get(state.model_state)['~']
+  np.testing.assert_allclose(
+      model_state[f'{adaptive.STATE_NAME}_log_weight'], math.log(expected[-1]),
+      rtol=1e-5)
+  np.testing.assert_allclose(model_state[f'{adaptive.STATE_NAME}_ema'], ema,
+                             rtol=1e-5)
+  assert expected[-1] > 1.1  # NFE above 2: gamma rose
