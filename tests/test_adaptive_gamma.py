@@ -304,3 +304,24 @@ def test_pmap_replicas_follow_the_law_of_the_averaged_measurement(tmp_path):
   np.testing.assert_allclose(model_state[f'{adaptive.STATE_NAME}_ema'], ema,
                              rtol=1e-5)
   assert expected[-1] > 1.1  # NFE above 2: gamma rose
+
+
+def test_mdeq_state_holds_the_controller_in_both_phases():
+  from jreg.models import mdeq  # pylint: disable=g-import-not-at-top
+  from jreg.tasks import mdeq as mdeq_task  # pylint: disable=g-import-not-at-top
+  config = cli.get_config('deq_cifar10', 'quickstart',
+                          {'jacobian.adaptive': 'spectral_radius'})
+  settings = mdeq_task.training_settings(config, config.num_steps)
+  assert settings.jacobian_controller == adaptive.ControllerConfig(
+      target=6.0, gain=0.05, weight_min=0.01, weight_max=50.0, ema_decay=0.9)
+  fns = mdeq_task.build_classifier(mdeq.mdeq_config('tiny'), settings,
+                                   (8, 8, 3))
+  _, state = jax.eval_shape(fns.init_fn, jax.random.key(0))
+  names = {f'{adaptive.STATE_NAME}_{field}'
+           for field in adaptive.ControllerState._fields}
+  assert names | {'step_count'} == set(state['~'])
+  default = mdeq_task.training_settings(
+      cli.get_config('deq_cifar10', 'quickstart', {}), 3)
+  fns = mdeq_task.build_classifier(mdeq.mdeq_config('tiny'), default, (8, 8, 3))
+  _, state = jax.eval_shape(fns.init_fn, jax.random.key(0))
+  assert set(state['~']) == {'step_count'}

@@ -74,7 +74,10 @@ def backward_config(group: Mapping[str, Any],
 
 
 def check_jacobian(group: Mapping[str, Any]) -> None:
-  """Ranges of a `jacobian` group (gamma >= 0, p in [0, 1], vectors >= 1)."""
+  """Ranges of a `jacobian` group (gamma >= 0, p in [0, 1], vectors >= 1).
+
+  The adaptive-gamma keys are checked by `controller_config`.
+  """
   for key in ('weight', 'weight_final', 'pretrain_weight'):
     if key in group and group[key] < 0:
       raise ValueError(f'jacobian.{key} (gamma) must be >= 0, got {group[key]}.')
