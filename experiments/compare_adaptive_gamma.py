@@ -34,8 +34,8 @@ _LOSS_KEY = flags.DEFINE_string('loss_key', 'mse',
 def gamma_series(history: list[dict], config: Mapping[str, Any]):
   """(steps, gamma) of a run: logged gamma_t, or the fixed `jacobian.weight`."""
   steps, values = metrics_lib.series(history, 'jacobian_weight')
-  if len(steps):
-    return steps, values
+  if len(steps):  # gamma = 0 in an unrolled pre-training phase: not drawn
+    return steps[values > 0], values[values > 0]
   steps, _ = metrics_lib.series(history, 'forward_nfe')
   return steps, np.full(len(steps), float(config['jacobian']['weight']))
 
@@ -49,7 +49,7 @@ def plot(runs: Mapping[str, str], out: str, title: str,
         os.path.join(run_dir, 'metrics.jsonl'))
     with open(os.path.join(run_dir, 'config.json')) as f:
       configs[label] = json.load(f)
-  with plotting.figure(out, ncols=3, size=(15.0, 3.8)) as (fig, axes):
+  with plotting.figure(out, ncols=3, size=(5.0, 3.8)) as (fig, axes):
     plotting.curves(axes[0], {k: gamma_series(h, configs[k])
                               for k, h in histories.items()},
                     'training step', 'Jacobian weight gamma (dimensionless)',
@@ -60,7 +60,7 @@ def plot(runs: Mapping[str, str], out: str, title: str,
     plotting.curves(axes[2], {k: metrics_lib.series(h, loss_key)
                               for k, h in histories.items()},
                     'training step', f'training {loss_key} (per example)',
-                    logy=True)
+                    logy=loss_key == 'mse')
     if title:
       fig.suptitle(title)
   for label, history in histories.items():
