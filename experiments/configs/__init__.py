@@ -31,7 +31,8 @@ experiments means the same thing in both):
   deq.compute_dtype     dtype of the equilibrium cell: 'float32' | 'bfloat16'
                         | 'float16' (mixed precision; float32 master weights)
   jacobian.*            weight (gamma), probability (p), their *_final values,
-                        num_vectors
+                        num_vectors; adaptive, target, gain, weight_min,
+                        weight_max, ema, radius_iters (the gamma controller)
   probe.*               NFE / accuracy-at-NFE probes
   sweep.KEY             multi-run experiments: a tuple of values of KEY (a
                         top-level key, or GROUP_LEAF for GROUP.LEAF, e.g.
@@ -119,6 +120,22 @@ def jacobian(weight: float = 0.0, probability: float = 0.0, *,
   for key, value in extra.items():
     group[key] = value
   return group
+
+
+def adaptive_jacobian(group: ml_collections.ConfigDict, *, target: float,
+                      gain: float, weight_min: float, weight_max: float,
+                      ema: float = 0.9, radius_iters: int = 20) -> None:
+  """Adds the gamma controller's keys to a `jacobian` group (jreg.deq.adaptive)."""
+  group.adaptive = 'none'          # 'none': the fixed / ramped gamma;
+                                   # 'nfe' | 'spectral_radius': adapt gamma to
+                                   # hold the training forward NFE or
+                                   # rho(J_f(z*)) at `target`
+  group.target = target            # the held value (> 0)
+  group.gain = gain                # k: log gamma += k * (m - target) / target
+  group.weight_min = weight_min    # gamma's bounds (0 < min <= weight <= max);
+  group.weight_max = weight_max    # the run starts at gamma = weight
+  group.ema = ema                  # EMA decay of the measurement, [0, 1)
+  group.radius_iters = radius_iters  # power iterations per rho estimate
 
 
 def mdeq_model(name: str) -> ml_collections.ConfigDict:

@@ -35,6 +35,8 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       weight_final=0.5,        # gamma at the end (linear ramp from weight)
       probability_final=0.05,  # p at the end
       pretrain_weight=0.0)     # gamma on every unrolled pre-training step
+  configs.adaptive_jacobian(config.jacobian, target=6.0, gain=0.05,
+                            weight_min=0.01, weight_max=50.0)
   config.probe = configs.probe(40, 500, 50)
   if preset == 'small':
     config.model.name = 'cifar10_small'

@@ -11,6 +11,7 @@ import ml_collections
 
 from experiments import configs
 from jreg.tasks import deq as deq_task
+from jreg.tasks import runs as runs_lib
 
 NUM_TRAIN = 4096  # jreg.data.synthetic.NUM_TRAIN: training examples
 
@@ -35,6 +36,8 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
                                         # 'float16' (params, grads, solvers
                                         # stay float32; faster on accelerators)
   config.jacobian = configs.jacobian(weight=0.0, probability=0.4)
+  configs.adaptive_jacobian(config.jacobian, target=0.3, gain=0.05,
+                            weight_min=0.1, weight_max=100.0)
   config.probe = ml_collections.ConfigDict()
   config.probe.max_iter = 100       # the "high limit" of the NFE-to-tolerance probe
   config.sweep = ml_collections.ConfigDict()
@@ -58,6 +61,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   deq_task.backward_config(config.deq.backward, 'deq.backward')
   deq_task.compute_dtype(config.deq)
   deq_task.check_jacobian(config.jacobian)
+  for run in runs_lib.expand(config):  # gamma of each run (adaptive bounds)
+    deq_task.check_jacobian(run.config.jacobian)
   if min(config.sweep.jacobian_weight) < 0:
     raise ValueError('sweep.jacobian_weight (gamma) values must be >= 0, got '
                      f'{config.sweep.jacobian_weight}.')

@@ -17,10 +17,13 @@ Public API (stable; additions only):
   precision   mixed_precision_cell (a cell evaluated in bfloat16 / float16)
   jacobian    jacobian_frobenius_estimate, jacobian_frobenius_exact,
               spectral_radius, regularization_gate
+  adaptive    ControllerConfig, ControllerState, init, weight, update,
+              haiku_weight (the adaptive gamma; use as jreg.deq.adaptive.*)
   module      DEQ (Haiku), value_and_grad (grad_fn with backward stats),
               cell_params (the cell's params out of a model's params),
               step_count (Haiku-state step counter for schedules)
 """
+from jreg.deq import adaptive
 from jreg.deq.correction import correction_weights
 from jreg.deq.correction import fp_correction
 from jreg.deq.correction import state_indices
@@ -60,7 +63,7 @@ from jreg.deq.solvers import SolverStats
 from jreg.deq.solvers import unregister_solver
 
 __all__ = (
-    'BackwardConfig', 'DEQ', 'cell_params', 'SolverConfig', 'SolverStats',
+    'BackwardConfig', 'DEQ', 'adaptive', 'cell_params', 'SolverConfig', 'SolverStats',
     'STATS_PROBE_SIZE',
     'anderson', 'broyden', 'fixed_point', 'fixed_point_iteration',
     'flatten_batch', 'jacobian_frobenius_estimate', 'jacobian_frobenius_exact',

@@ -157,7 +157,7 @@ class DEQ(hk.Module):
     self.compute_dtype = precision.compute_dtype_of(compute_dtype)
 
   def __call__(self, x: PyTree, z0: PyTree, *, unrolled: bool = False,
-               jacobian_loss=False, spectral_radius: bool = False,
+               jacobian_loss=False, spectral_radius=False,
                rng: Optional[jax.Array] = None):
     """Solves z* = cell(z*, x).
 
@@ -170,8 +170,9 @@ class DEQ(hk.Module):
         `jreg.deq.regularization_gate`): estimate ||J_f(z*)||_F^2 / d
         (`jacobian_frobenius_estimate`, z* held constant). With a traced
         flag the VJPs run under `lax.cond`, so they cost nothing when off.
-      spectral_radius: Python bool; add the power-iteration estimate of
-        rho(J_f(z*)) (mean over the batch) to info.
+      spectral_radius: False, True, or a traced bool: add the
+        power-iteration estimate of rho(J_f(z*)) (mean over the batch) to
+        info; with a traced flag it runs under `lax.cond` (0 when off).
       rng: key for Hutchinson / power iteration; default `hk.next_rng_key()`.
 
     Returns:
@@ -219,7 +220,7 @@ class DEQ(hk.Module):
         info['backward_nfe'] = jnp.asarray(fixed_nfe, jnp.float32)
     info.update(stats.as_metrics('forward_'))
 
-    if jacobian_loss is not False or spectral_radius:
+    if jacobian_loss is not False or spectral_radius is not False:
       if rng is None:
         rng = hk.next_rng_key()
       jac_rng, rho_rng = jax.random.split(rng)
@@ -235,9 +236,12 @@ class DEQ(hk.Module):
           info['jacobian_loss'] = lax.cond(
               flag, estimate, lambda: jnp.zeros([], jnp.float32))
           info['jacobian_applied'] = flag.astype(jnp.float32)
-      if spectral_radius:
-        info['spectral_radius'] = jnp.mean(jacobian.spectral_radius(
+      if spectral_radius is not False:
+        radius = lambda: jnp.mean(jacobian.spectral_radius(
             f, z_star, rho_rng, self.spectral_radius_iters))
+        info['spectral_radius'] = radius() if spectral_radius is True else (
+            lax.cond(jnp.asarray(spectral_radius, bool), radius,
+                     lambda: jnp.zeros([], jnp.float32)))
     if self.supervise_states is not None:
       return (z_states if not unrolled else [z_star]), info
     return z_star, info

@@ -464,6 +464,7 @@ class MDEQClassifier(hk.Module):
                backward: deq_lib.BackwardConfig,
                jacobian_vectors: int = 1,
                compute_dtype=None,
+               spectral_radius_iters: int = 50,
                name: str | None = None):
     super().__init__(name=name)
     self.config = config
@@ -471,10 +472,11 @@ class MDEQClassifier(hk.Module):
     self.backward = backward
     self.jacobian_vectors = jacobian_vectors
     self.compute_dtype = compute_dtype  # the cell's dtype (jreg.deq.DEQ)
+    self.spectral_radius_iters = spectral_radius_iters
 
   def __call__(self, images: jax.Array, *, is_training: bool,
                unrolled: bool = False, jacobian_loss=False,
-               spectral_radius: bool = False):
+               spectral_radius=False):
     """images [B, H, W, C] -> (logits [B, K], info dict of scalars)."""
     cfg = self.config
     injection = Stem(cfg, name='stem')(images)  # [B, H_0, W_0, C_0]
@@ -488,7 +490,9 @@ class MDEQClassifier(hk.Module):
                       forward=self.forward, backward=self.backward,
                       unrolled_steps=cfg.num_layers,
                       jacobian_vectors=self.jacobian_vectors,
-                      compute_dtype=self.compute_dtype, name='deq')
+                      compute_dtype=self.compute_dtype,
+                      spectral_radius_iters=self.spectral_radius_iters,
+                      name='deq')
     z_star, info = deq(x, z0, unrolled=unrolled, jacobian_loss=jacobian_loss,
                        spectral_radius=spectral_radius)
     return ClassificationHead(cfg, name='head')(z_star, is_training), info

@@ -9,6 +9,9 @@ every DEQ task, experiment, benchmark and notebook.
 The Jacobian term of Bai, Koltun & Kolter (ICML 2021, Sec. 3.3 and Appendix
 A) is gamma(t) * ||J_f(z*)||_F^2 / d on a random fraction p(t) of the training
 steps; `linear_ramp` is the schedule both follow when a paper ramps them.
+With `jacobian.adaptive` set, gamma is instead adapted during training to hold
+a measured quantity at `jacobian.target` (`controller_config`,
+`adaptive_weight`; the law is in `jreg.deq.adaptive`).
 """
 from __future__ import annotations
 
@@ -19,10 +22,13 @@ import jax.numpy as jnp
 
 from jreg import deq as deq_lib
 from jreg.deq import precision
+from jreg.deq import adaptive
 
 STOP_MODES = ('abs', 'rel')
 BACKWARD_MODES = ('implicit', 'phantom', 'jfb', 'reversible')
 COMPUTE_DTYPES = precision.COMPUTE_DTYPES
+# jacobian.adaptive: what the gamma controller holds at jacobian.target.
+ADAPTIVE = ('none', 'nfe', 'spectral_radius')
 
 
 def solver_config(group: Mapping[str, Any], name: str = 'deq.forward',
@@ -110,7 +116,10 @@ def compute_dtype(group: Mapping[str, Any], name: str = 'deq.compute_dtype'):
 
 
 def check_jacobian(group: Mapping[str, Any]) -> None:
-  """Ranges of a `jacobian` group (gamma >= 0, p in [0, 1], vectors >= 1)."""
+  """Ranges of a `jacobian` group (gamma >= 0, p in [0, 1], vectors >= 1).
+
+  The adaptive-gamma keys are checked by `controller_config`.
+  """
   for key in ('weight', 'weight_final', 'pretrain_weight'):
     if key in group and group[key] < 0:
       raise ValueError(f'jacobian.{key} (gamma) must be >= 0, got {group[key]}.')
@@ -121,6 +130,75 @@ def check_jacobian(group: Mapping[str, Any]) -> None:
   if group.get('num_vectors', 1) < 1:
     raise ValueError(f'jacobian.num_vectors must be >= 1, got '
                      f'{group["num_vectors"]}.')
+  controller_config(group)
+
+
+def controller_config(group: Mapping[str, Any]
+                      ) -> adaptive.ControllerConfig | None:
+  """The gamma controller of a `jacobian` group; None for adaptive='none'.
+
+  Keys: `adaptive` ('none' | 'nfe': the training forward NFE |
+  'spectral_radius': the power-iteration estimate of rho(J_f(z*)), measured
+  on the steps that carry the Jacobian term), `target` (> 0), `gain` (>= 0),
+  `weight_min`, `weight_max` (0 < weight_min <= weight <= weight_max; the
+  run starts at gamma = `weight`), `ema` (decay in [0, 1)), `radius_iters`
+  (power iterations, >= 2).
+
+  Raises:
+    ValueError: one sentence naming the key and its allowed values.
+  """
+  mode = group.get('adaptive', 'none')
+  if mode not in ADAPTIVE:
+    raise ValueError(f'jacobian.adaptive must be one of {ADAPTIVE}, got '
+                     f'{mode!r}.')
+  if mode == 'none':
+    return None
+  if not group['target'] > 0:
+    raise ValueError(f'jacobian.target must be > 0, got {group["target"]}.')
+  if group['gain'] < 0:
+    raise ValueError(f'jacobian.gain must be >= 0, got {group["gain"]}.')
+  if not 0 < group['weight_min'] <= group['weight'] <= group['weight_max']:
+    raise ValueError(
+        'an adaptive gamma needs 0 < jacobian.weight_min <= jacobian.weight '
+        f'<= jacobian.weight_max, got {group["weight_min"]}, '
+        f'{group["weight"]}, {group["weight_max"]}.')
+  if not 0 <= group['ema'] < 1:
+    raise ValueError(f'jacobian.ema must be in [0, 1), got {group["ema"]}.')
+  if group['radius_iters'] < 2:
+    raise ValueError(f'jacobian.radius_iters must be >= 2, got '
+                     f'{group["radius_iters"]}.')
+  return adaptive.ControllerConfig(
+      target=float(group['target']), gain=float(group['gain']),
+      weight_min=float(group['weight_min']),
+      weight_max=float(group['weight_max']), ema_decay=float(group['ema']))
+
+
+def adaptive_weight(controller: adaptive.ControllerConfig, mode: str,
+                    initial_weight: float, info: Mapping[str, jax.Array],
+                    is_training: bool) -> tuple[jax.Array, dict]:
+  """gamma_t of an adaptive run, from Haiku state, after the DEQ call.
+
+  Measures m_t = info['forward_nfe'] (mode 'nfe', every step) or
+  info['spectral_radius'] (mode 'spectral_radius', on the steps where
+  info['jacobian_applied'] is 1, the only steps where the layer estimated it:
+  pass `spectral_radius=gate` to the layer), and stores the controller's
+  update when `is_training`.
+
+  Returns:
+    (gamma_t, info plus `jacobian_weight` = gamma_t and
+    `jacobian_controller_ema` = the smoothed measurement after this step;
+    without the per-step `spectral_radius`, which is 0 on unmeasured steps).
+  """
+  info = dict(info)
+  if mode == 'nfe':
+    measurement, measured = info['forward_nfe'], True
+  else:  # the per-step value is 0 on unmeasured steps: not a metric to average
+    measurement = info.pop('spectral_radius')
+    measured = info['jacobian_applied'] > 0
+  weight, state = adaptive.haiku_weight(controller, initial_weight,
+                                        measurement, measured, is_training)
+  return weight, dict(info, jacobian_weight=weight,
+                      jacobian_controller_ema=state.ema)
 
 
 def linear_ramp(start: float, end: float, steps: int,

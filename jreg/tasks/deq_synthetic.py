@@ -55,17 +55,27 @@ def model(config) -> hk.TransformedWithState:
   backward = deq_task.backward_config(config.deq.backward, 'deq.backward')
   compute_dtype = deq_task.compute_dtype(config.deq)
   gamma = config.jacobian.weight
+  controller = deq_task.controller_config(config.jacobian)
+  mode = config.jacobian.get('adaptive', 'none')
 
   def forward(batch, is_training):
     layer = deq_lib.DEQ(cell_fn(config), name='deq', forward=forward_solver,
-                        backward=backward, compute_dtype=compute_dtype)
+                        backward=backward, compute_dtype=compute_dtype,
+                        spectral_radius_iters=config.jacobian.get(
+                            'radius_iters', 50))
     apply_jr = False
     if is_training and gamma > 0:
       apply_jr = deq_lib.regularization_gate(hk.next_rng_key(),
                                              config.jacobian.probability)
+    measure_radius = apply_jr if mode == 'spectral_radius' else False
     z_star, info = layer(batch['x'], jnp.zeros_like(batch['x']),
-                         jacobian_loss=apply_jr)                      # [B, 1]
+                         jacobian_loss=apply_jr,
+                         spectral_radius=measure_radius)              # [B, 1]
     mse = jnp.mean(jnp.square(z_star - batch['y']))
+    if controller is not None and is_training:
+      weight, info = deq_task.adaptive_weight(controller, mode, gamma, info,
+                                              is_training)
+      return mse + weight * info['jacobian_loss'], dict(info, mse=mse)
     loss = mse + gamma * info['jacobian_loss'] if gamma > 0 else mse
     return loss, dict(info, mse=mse)
 

@@ -41,6 +41,7 @@ from jreg import deq as deq_lib
 from jreg import metrics as metrics_lib
 from jreg import plotting
 from jreg import train
+from jreg.deq import adaptive
 from jreg.models import count_params
 from jreg.models import mdeq
 from jreg.tasks import deq as deq_task
@@ -75,6 +76,12 @@ class TrainingSettings:
   jacobian_vectors: int = 1      # Hutchinson vectors M
   explicit_num_layers: int = 4   # L for network='explicit'
   compute_dtype: Any = None      # DEQ cell dtype: None (float32) | bfloat16 | float16
+  # Adaptive gamma (jreg.deq.adaptive): 'none' | 'nfe' | 'spectral_radius';
+  # with a controller, gamma starts at jacobian_weight and follows it in the
+  # DEQ phase (jacobian_weight_final is then unused).
+  jacobian_adaptive: str = 'none'
+  jacobian_controller: Any = None  # adaptive.ControllerConfig, or None
+  spectral_radius_iters: int = 20  # power iterations per rho measurement
 
 
 class ClassifierFns(NamedTuple):
@@ -143,7 +150,8 @@ def build_classifier(config: mdeq.MDEQConfig, settings: TrainingSettings,
       model = mdeq.MDEQClassifier(
           config, forward=solver, backward=settings.backward,
           jacobian_vectors=settings.jacobian_vectors,
-          compute_dtype=settings.compute_dtype, name='mdeq')
+          compute_dtype=settings.compute_dtype,
+          spectral_radius_iters=settings.spectral_radius_iters, name='mdeq')
       step = deq_lib.step_count(increment=is_training)
       if not is_training:
         return model(images, is_training=False)
@@ -160,8 +168,20 @@ def build_classifier(config: mdeq.MDEQConfig, settings: TrainingSettings,
                           settings.jacobian_weight_final) > 0)
       gate = (deq_lib.regularization_gate(hk.next_rng_key(), prob)
               if use_jacobian else False)
+      controller = settings.jacobian_controller
+      measure_radius = (gate if controller is not None and not unrolled and
+                        settings.jacobian_adaptive == 'spectral_radius'
+                        else False)
       logits, info = model(images, is_training=True, unrolled=unrolled,
-                           jacobian_loss=gate)
+                           jacobian_loss=gate, spectral_radius=measure_radius)
+      if controller is not None:
+        if unrolled:  # the state exists in both phases; it moves in the DEQ one
+          adaptive.haiku_weight(controller, settings.jacobian_weight, 0.0,
+                                measured=False)
+        else:
+          weight, info = deq_task.adaptive_weight(
+              controller, settings.jacobian_adaptive, settings.jacobian_weight,
+              info, is_training)
       info = dict(info, jacobian_weight=weight, jacobian_prob=prob)
       return logits, info
 
@@ -279,7 +299,10 @@ def training_settings(config, num_steps: int) -> TrainingSettings:
       pretrain_jacobian_weight=jac.pretrain_weight,
       jacobian_vectors=jac.num_vectors,
       explicit_num_layers=config.model.explicit_num_layers,
-      compute_dtype=deq_task.compute_dtype(config.deq))
+      compute_dtype=deq_task.compute_dtype(config.deq),
+      jacobian_adaptive=jac.get('adaptive', 'none'),
+      jacobian_controller=deq_task.controller_config(jac),
+      spectral_radius_iters=jac.get('radius_iters', 20))
 
 
 def build(config, image_shape: tuple[int, int, int], num_steps: int = 1,
