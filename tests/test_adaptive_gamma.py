@@ -23,6 +23,8 @@ from jreg import deq as deq_lib
 from jreg.deq import adaptive
 from jreg.tasks import deq as deq_task
 from jreg.tasks import deq_synthetic as synthetic_task
+from killing import Killed
+from killing import KilledAfter
 
 
 def _reference(measurements, config, weight0, measured=None):
@@ -224,32 +226,6 @@ def test_adaptive_sweep_value_out_of_bounds_is_refused():
                     'sweep.jacobian_weight': (0.0, 1.0)})
 
 
-class Killed(Exception):
-  """Stands for the process being killed."""
-
-
-class _KilledAfter:
-  """A training iterator that stops the process after `steps` batches."""
-
-  def __init__(self, iterator, steps):
-    self._iterator, self._left = iterator, steps
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._left == 0:
-      raise Killed()
-    self._left -= 1
-    return next(self._iterator)
-
-  def get_state(self):
-    return self._iterator.get_state()
-
-  def set_state(self, state):
-    self._iterator.set_state(state)
-
-
 def test_killed_adaptive_run_resumes_the_controller_bit_identically(
     tmp_path, monkeypatch):
   config = cli.get_config('deq_synthetic', 'quickstart', {
@@ -270,7 +246,7 @@ def test_killed_adaptive_run_resumes_the_controller_bit_identically(
   assert len(set(weights)) > 3  # gamma moved during the run
   make_iterator = data.synthetic_1d_iterator
   monkeypatch.setattr(data, 'synthetic_1d_iterator',
-                      lambda *a, **k: _KilledAfter(make_iterator(*a, **k), 6))
+                      lambda *a, **k: KilledAfter(make_iterator(*a, **k), 6))
   workdir = str(tmp_path / 'killed')
   with pytest.raises(Killed):
     final(workdir)

@@ -20,6 +20,8 @@ from jreg import cli
 from jreg import data
 from jreg import metrics as metrics_lib
 from jreg.tasks import deq_synthetic as task
+from killing import Killed
+from killing import KilledAfter
 
 OVERRIDES = {'num_steps': 12, 'log_every': 2, 'checkpoint_every': 4,
              'probe.max_iter': 20, 'eval_batch_size': 500,
@@ -27,10 +29,6 @@ OVERRIDES = {'num_steps': 12, 'log_every': 2, 'checkpoint_every': 4,
 RUNS = ('jacobian_weight=0,seed=0', 'jacobian_weight=2,seed=0')
 FIGURES = ('surface.png', 'slice_x-1.png', 'training.png')
 TIMING_KEYS = ('steps_per_sec', 'wall_time')
-
-
-class Killed(Exception):
-  """Stands for the process being killed at an injected moment."""
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -102,28 +100,6 @@ def test_runs_report_solver_behaviour_and_write_figures(reference):
   assert max(r['jacobian_loss'] for r in train) > 0
 
 
-class _KilledAfter:
-  """A training iterator that stops the process after `steps` batches."""
-
-  def __init__(self, iterator, steps):
-    self._iterator, self._left = iterator, steps
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._left == 0:
-      raise Killed()
-    self._left -= 1
-    return next(self._iterator)
-
-  def get_state(self):
-    return self._iterator.get_state()
-
-  def set_state(self, state):
-    self._iterator.set_state(state)
-
-
 def test_killed_at_three_moments_ends_as_uninterrupted(reference, tmp_path,
                                                        monkeypatch):
   workdir = str(tmp_path)
@@ -136,7 +112,7 @@ def test_killed_at_three_moments_ends_as_uninterrupted(reference, tmp_path,
       if split == 'train':
         started.append(it)
         if len(started) == number:
-          return _KilledAfter(it, after)
+          return KilledAfter(it, after)
       return it
     return iterator
 

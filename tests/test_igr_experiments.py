@@ -22,10 +22,8 @@ from jreg import train
 from jreg.models import count_params
 from jreg.models import resnet
 from jreg.tasks import igr
-
-
-class Killed(Exception):
-  """Stands for the process being killed at an injected moment."""
+from killing import Killed
+from killing import KilledAfter
 
 
 def _config(name, shared_data=None, **overrides):
@@ -219,28 +217,6 @@ def test_mnist_sweep_killed_after_a_run_finished(sweep, tmp_path, monkeypatch):
   monkeypatch.setattr(train, 'fit', fit)
   igr_mnist_sweep.run(sweep[0], str(tmp_path))
   _same_as_uninterrupted(sweep, str(tmp_path))
-
-
-class KilledAfter:
-  """A training iterator that is 'killed' when asked for batch `n + 1`."""
-
-  def __init__(self, inner, n):
-    self.inner, self.left = inner, n
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self.left == 0:
-      raise Killed()
-    self.left -= 1
-    return next(self.inner)
-
-  def get_state(self):
-    return self.inner.get_state()
-
-  def set_state(self, state):
-    self.inner.set_state(state)
 
 
 def test_mnist_sweep_killed_mid_run(sweep, tmp_path, monkeypatch):
