@@ -8,6 +8,8 @@ import pytest
 
 import jreg.deq as deq
 from jreg import train
+from small_deq import tanh_cell
+from small_deq import tanh_params
 
 SOLVERS = ['fixed_point', 'anderson', 'broyden']
 
@@ -19,20 +21,6 @@ def _linear_problem(batch=3, dim=5, seed=0):
   b = rng.randn(batch, dim)                                   # [B, D]
   exact = np.linalg.solve(np.eye(dim) - a, b.T).T             # [B, D]
   return jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), exact
-
-
-def _tanh_params(dim=4, in_dim=3, seed=1, scale=0.5):
-  rng = np.random.RandomState(seed)
-  w = rng.randn(dim, dim)
-  w = scale * w / np.linalg.norm(w, 2)                        # contraction
-  return {'w': jnp.asarray(w, jnp.float32),
-          'u': jnp.asarray(rng.randn(in_dim, dim), jnp.float32),
-          'b': jnp.asarray(0.1 * rng.randn(dim), jnp.float32)}
-
-
-def tanh_cell(params, z, x):
-  """z -> tanh(z W + x U + b); z [B, D], x [B, I]."""
-  return jnp.tanh(z @ params['w'] + x @ params['u'] + params['b'])
 
 
 @pytest.mark.parametrize('name, unroll', [
@@ -78,7 +66,7 @@ def test_accelerated_solvers_need_fewer_evaluations():
 @pytest.mark.parametrize('name', SOLVERS)
 def test_solver_tanh_layer_pytree_state(name):
   """A tanh layer whose state is a dict of two leaves of different shapes."""
-  params = _tanh_params(dim=6)
+  params = tanh_params(dim=6, dtype=jnp.float32)
   x = jnp.asarray(np.random.RandomState(2).randn(4, 3), jnp.float32)
 
   def f(state):  # {'a': [B, 2], 'b': [B, 2, 2]}
@@ -147,7 +135,7 @@ def _unrolled_loss(params, x, steps=200):
 @pytest.fixture(scope='module')
 def unrolled_reference():
   """Autodiff through 200 iterations (q = 0.5: exact to float32)."""
-  params = _tanh_params()
+  params = tanh_params(dtype=jnp.float32)
   x = jnp.asarray(np.random.RandomState(3).randn(5, 3), jnp.float32)
   return params, x, jax.jit(jax.grad(_unrolled_loss, argnums=(0, 1)))(params, x)
 
@@ -167,7 +155,8 @@ def test_implicit_gradient_matches_unrolled_autodiff(solver, unrolled_reference)
 
 def test_implicit_gradient_matches_finite_differences():
   with jax.enable_x64(True):
-    params = jax.tree.map(lambda v: v.astype(jnp.float64), _tanh_params())
+    params = jax.tree.map(lambda v: v.astype(jnp.float64),
+                          tanh_params(dtype=jnp.float32))
     x = jnp.asarray(np.random.RandomState(4).randn(2, 3), jnp.float64)
     tight = deq.SolverConfig(name='anderson', max_iter=80, tol=1e-12,
                              stop_mode='abs', ridge=1e-10)
@@ -199,7 +188,7 @@ def test_implicit_gradient_matches_finite_differences():
 
 
 def test_phantom_and_jfb_gradients():
-  params = _tanh_params()
+  params = tanh_params(dtype=jnp.float32)
   x = jnp.asarray(np.random.RandomState(5).randn(3, 3), jnp.float32)
   exact = jax.grad(_implicit_loss(IMPLICIT))(params, x)
   # Many undamped phantom steps converge to the implicit gradient.
@@ -221,7 +210,7 @@ def test_phantom_and_jfb_gradients():
 
 
 def test_backward_stats_through_probe():
-  params = _tanh_params()
+  params = tanh_params(dtype=jnp.float32)
   x = jnp.asarray(np.random.RandomState(6).randn(3, 3), jnp.float32)
   backward = deq.BackwardConfig(mode='implicit', solver=deq.SolverConfig(
       name='fixed_point', max_iter=40, tol=1e-5, stop_mode='abs'))
@@ -248,7 +237,7 @@ def test_backward_stats_through_probe():
 # ------------------------------------------------------- Jacobian functions
 
 def test_hutchinson_estimate_is_unbiased():
-  params = _tanh_params(dim=5, scale=1.5)
+  params = tanh_params(dim=5, scale=1.5, dtype=jnp.float32)
   x = jnp.asarray(np.random.RandomState(7).randn(4, 3), jnp.float32)
   z = jnp.asarray(np.random.RandomState(8).randn(4, 5), jnp.float32)
   f = lambda zz: tanh_cell(params, zz, x)
@@ -268,7 +257,7 @@ def test_hutchinson_estimate_is_unbiased():
 
 
 def test_hutchinson_gradient_wrt_params_only():
-  params = _tanh_params(dim=5)
+  params = tanh_params(dim=5, dtype=jnp.float32)
   x = jnp.asarray(np.random.RandomState(9).randn(2, 3), jnp.float32)
   z = jnp.asarray(np.random.RandomState(10).randn(2, 5), jnp.float32)
 

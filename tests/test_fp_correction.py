@@ -6,23 +6,13 @@ import numpy as np
 import pytest
 
 import jreg.deq as deq
-
-
-def _tanh_params(dim=4, in_dim=3, seed=1, scale=0.8):
-  rng = np.random.RandomState(seed)
-  w = rng.randn(dim, dim)
-  w = scale * w / np.linalg.norm(w, 2)                        # contraction
-  return {'w': jnp.asarray(w), 'u': jnp.asarray(rng.randn(in_dim, dim)),
-          'b': jnp.asarray(0.1 * rng.randn(dim))}
-
-
-def tanh_cell(params, z, x):
-  """z -> tanh(z W + x U + b); z [B, D], x [B, I]."""
-  return jnp.tanh(z @ params['w'] + x @ params['u'] + params['b'])
+from small_deq import dense_ift_grad
+from small_deq import tanh_cell
+from small_deq import tanh_params
 
 
 def _problem(batch=2, seed=2):
-  params = _tanh_params()
+  params = tanh_params(scale=0.8)
   x = jnp.asarray(np.random.RandomState(seed).randn(batch, 3))
   return params, x, jnp.zeros((batch, 4))
 
@@ -62,17 +52,6 @@ def test_unreached_states_are_the_final_point():
     np.testing.assert_allclose(states[0], want, rtol=0, atol=1e-13)
     with pytest.raises(ValueError, match='max_iter'):
       deq.solve(f, z0, config, record=(41,))
-
-
-def _dense_implicit_grad(params, x, z_star, g):
-  """dl/dtheta by the IFT with a dense solve: u = (I - J^T)^-1 g."""
-  shape = z_star.shape
-  f_flat = lambda z: tanh_cell(params, z.reshape(shape), x).ravel()
-  jac = jax.jacobian(f_flat)(z_star.ravel())                 # [BD, BD]
-  u = np.linalg.solve(np.eye(jac.shape[0]) - np.asarray(jac).T,
-                      np.asarray(g).ravel())
-  _, vjp = jax.vjp(lambda p: tanh_cell(p, z_star, x), params)
-  return vjp(jnp.asarray(u.reshape(shape)))[0]
 
 
 def test_correction_gradient_is_weighted_sum_of_state_gradients():
@@ -115,7 +94,8 @@ def test_correction_gradient_is_weighted_sum_of_state_gradients():
       (g_k,) = vjp(jax.grad(state_loss)(z_k))
       want = jax.tree.map(lambda a, b, w=w: a + w * b, want, g_k)
     z_star, _ = deq.solve(f, z0, forward)
-    g_star = _dense_implicit_grad(params, x, z_star, jax.grad(state_loss)(z_star))
+    g_star = dense_ift_grad(tanh_cell, params, x, z_star,
+                            jax.grad(state_loss)(z_star))
     want = jax.tree.map(lambda a, b: a + weights[-1] * b, want, g_star)
     for key in params:
       np.testing.assert_allclose(got[key], want[key], rtol=1e-8, atol=1e-10)

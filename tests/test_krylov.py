@@ -12,6 +12,9 @@ import pytest
 import jreg.deq as deq
 from jreg import cli
 from jreg.tasks import deq as deq_task
+from small_deq import dense_backward
+from small_deq import tanh_cell
+from small_deq import tanh_params
 
 KRYLOV = ('gmres', 'bicgstab')
 
@@ -105,32 +108,13 @@ def test_budget_and_nonconvergence_are_reported(name, x64):
     assert np.all(np.asarray(stats.abs_residual) < 0.9 * initial)
 
 
-def tanh_cell(params, z, x):
-  return jnp.tanh(z @ params['w'] + x @ params['u'] + params['b'])
-
-
-def _tanh_params(dim=5, in_dim=3, seed=4):
-  rng = np.random.RandomState(seed)
-  w = rng.randn(dim, dim)
-  return {'w': jnp.asarray(0.8 * w / np.linalg.norm(w, 2)),
-          'u': jnp.asarray(rng.randn(in_dim, dim)),
-          'b': jnp.asarray(0.1 * rng.randn(dim))}
-
-
 FORWARD = deq.SolverConfig(name='anderson', max_iter=60, tol=1e-13,
                            stop_mode='abs', ridge=1e-10)
 
 
-def _dense_backward(params, x, z_star, g):
-  jac = jax.vmap(jax.jacfwd(
-      lambda zb, xb: tanh_cell(params, zb[None], xb[None])[0]))(z_star, x)
-  eye = jnp.eye(z_star.shape[-1])
-  return jnp.linalg.solve(eye - jnp.swapaxes(jac, 1, 2), g[..., None])[..., 0]
-
-
 @pytest.mark.parametrize('name', KRYLOV)
 def test_backward_system_of_a_nonlinear_cell(name, x64):
-  params = _tanh_params()
+  params = tanh_params(dim=5, seed=4, scale=0.8)
   x = jnp.asarray(np.random.RandomState(5).randn(4, 3))
   z_star, _ = deq.solve(lambda z: tanh_cell(params, z, x), jnp.zeros((4, 5)),
                         FORWARD)
@@ -140,14 +124,14 @@ def test_backward_system_of_a_nonlinear_cell(name, x64):
   config = deq.SolverConfig(name=name, max_iter=30, tol=1e-12,
                             stop_mode='abs')
   u, stats = jax.jit(lambda u0: deq.solve(h, u0, config))(jnp.zeros_like(g))
-  np.testing.assert_allclose(u, _dense_backward(params, x, z_star, g),
+  np.testing.assert_allclose(u, dense_backward(tanh_cell, params, x, z_star, g),
                              rtol=1e-9, atol=1e-10)
   assert bool(stats.all_converged)
   _check_stats(h, u, stats, 30)
 
 
 def test_deq_gradients_with_krylov_backward(x64):
-  params = _tanh_params()
+  params = tanh_params(dim=5, seed=4, scale=0.8)
   x = jnp.asarray(np.random.RandomState(7).randn(4, 3))
   weights = jnp.arange(1.0, 6.0)
 
@@ -163,7 +147,8 @@ def test_deq_gradients_with_krylov_backward(x64):
 
   z_star, _ = deq.fixed_point(tanh_cell, params, x, jnp.zeros((4, 5)),
                               forward=FORWARD)
-  u = _dense_backward(params, x, z_star, jnp.cos(z_star) * weights)
+  u = dense_backward(tanh_cell, params, x, z_star,
+                     jnp.cos(z_star) * weights)
   _, vjp = jax.vjp(lambda p: tanh_cell(p, z_star, x), params)
   (dense,) = vjp(u)
   probe = jnp.zeros(4, jnp.float32)
@@ -208,7 +193,7 @@ def test_bfloat16_states():
 
 
 def test_affine_only_solvers_are_refused_for_the_forward_solve():
-  params = jax.tree.map(lambda v: v.astype(jnp.float32), _tanh_params())
+  params = tanh_params(dim=5, seed=4, scale=0.8, dtype=jnp.float32)
   x = jnp.zeros((2, 3))
   for name in KRYLOV:
     with pytest.raises(ValueError) as error:

@@ -17,6 +17,7 @@ import pytest
 from experiments import configs
 import jreg.deq as deq
 from jreg.tasks import deq as deq_task
+from small_deq import dense_backward
 
 
 @pytest.fixture(autouse=True)
@@ -167,11 +168,7 @@ def test_implicit_gradient_differs_by_order_of_the_residual(tol):
 
   # IFT by a dense solve per example: u = (I - J^T)^-1 dl/dz*.
   dl_dz = jnp.cos(z) * _loss_weights()
-  jac = jax.vmap(jax.jacobian(
-      lambda zi, xi: cell(params, zi[None], jax.tree.map(
-          lambda l: l[None], xi))[0]))(z, inputs)                    # [B, D, D]
-  eye = jnp.eye(z.shape[-1])
-  u = jnp.linalg.solve(eye - jnp.swapaxes(jac, 1, 2), dl_dz[..., None])[..., 0]
+  u = dense_backward(cell, params, inputs, z, dl_dz)
   _, vjp = jax.vjp(lambda p, xin: cell(p, z, {**inputs, 'in': xin}),
                    params, inputs['in'])
   ift = vjp(u)

@@ -12,6 +12,9 @@ import pytest
 import jreg.deq as deq
 from jreg import cli
 from jreg.tasks import deq as deq_task
+from small_deq import dense_ift_grad
+from small_deq import tanh_cell
+from small_deq import tanh_params
 
 BUILT_IN = ('fixed_point', 'anderson', 'broyden', 'gmres', 'bicgstab')
 
@@ -114,30 +117,8 @@ def test_user_solver_forward_solution_and_statistics(secant, x64):
   assert int(short.nfe) == 3 and not bool(short.all_converged)
 
 
-def _tanh_params(dim=4, in_dim=3, seed=1):
-  rng = np.random.RandomState(seed)
-  w = rng.randn(dim, dim)
-  return {'w': jnp.asarray(0.6 * w / np.linalg.norm(w, 2)),
-          'u': jnp.asarray(rng.randn(in_dim, dim)),
-          'b': jnp.asarray(0.1 * rng.randn(dim))}
-
-
-def tanh_cell(params, z, x):
-  return jnp.tanh(z @ params['w'] + x @ params['u'] + params['b'])
-
-
-def dense_ift_grad(cell, params, x, z_star, g):
-  """dl/dtheta = u^T df/dtheta, (I - J_f(z*)^T) u = g per example (dense)."""
-  jac = jax.vmap(jax.jacfwd(lambda zb, xb: cell(params, zb[None], xb[None])[0]))(
-      z_star, x)                                                  # [B, D, D]
-  eye = jnp.eye(z_star.shape[-1])
-  u = jnp.linalg.solve(eye - jnp.swapaxes(jac, 1, 2), g[..., None])[..., 0]
-  _, vjp = jax.vjp(lambda p: cell(p, z_star, x), params)
-  return vjp(u)[0]
-
-
 def test_user_solver_in_fixed_point_forward_and_implicit_backward(secant, x64):
-  params = _tanh_params()
+  params = tanh_params(scale=0.6)
   x = jnp.asarray(np.random.RandomState(2).randn(3, 3))
   config = deq.SolverConfig(name=secant, max_iter=60, tol=1e-12,
                             stop_mode='abs')
