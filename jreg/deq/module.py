@@ -199,25 +199,19 @@ class DEQ(hk.Module):
                                                 self.unrolled_steps)
       else:
         info['backward_nfe'] = jnp.asarray(self.unrolled_steps, jnp.float32)
-    elif self.supervise_states is not None:
-      indices = correction.state_indices(self.forward_config.max_iter,
-                                         self.supervise_states)[:-1]
+    else:
+      indices = () if self.supervise_states is None else (
+          correction.state_indices(self.forward_config.max_iter,
+                                   self.supervise_states)[:-1])
       z_states, stats = implicit.fixed_point_states(
           cell, params, x, z0, indices, forward=self.forward_config,
           backward=self.backward_config, stats_probe=probe)
       z_star = z_states[-1]
       fixed_nfe = implicit.backward_nfe_if_fixed(self.backward_config)
-      if fixed_nfe is not None:
+      if fixed_nfe is not None:  # each supervised state adds its phantom VJPs
         info['backward_nfe'] = jnp.asarray(
             fixed_nfe + len(indices) * self.backward_config.phantom_steps,
             jnp.float32)
-    else:
-      z_star, stats = implicit.fixed_point(
-          cell, params, x, z0, forward=self.forward_config,
-          backward=self.backward_config, stats_probe=probe)
-      fixed_nfe = implicit.backward_nfe_if_fixed(self.backward_config)
-      if fixed_nfe is not None:
-        info['backward_nfe'] = jnp.asarray(fixed_nfe, jnp.float32)
     info.update(stats.as_metrics('forward_'))
 
     if jacobian_loss is not False or spectral_radius is not False:
@@ -226,25 +220,25 @@ class DEQ(hk.Module):
       jac_rng, rho_rng = jax.random.split(rng)
       f = lambda z: cell(params, z, x)
       if jacobian_loss is not False:
-        estimate = lambda: jacobian.jacobian_frobenius_estimate(
-            f, z_star, jac_rng, self.jacobian_vectors).astype(jnp.float32)
-        if jacobian_loss is True:
-          info['jacobian_loss'] = estimate()
-          info['jacobian_applied'] = jnp.ones([], jnp.float32)
-        else:
-          flag = jnp.asarray(jacobian_loss, bool)
-          info['jacobian_loss'] = lax.cond(
-              flag, estimate, lambda: jnp.zeros([], jnp.float32))
-          info['jacobian_applied'] = flag.astype(jnp.float32)
+        info['jacobian_loss'] = _gated(
+            jacobian_loss, lambda: jacobian.jacobian_frobenius_estimate(
+                f, z_star, jac_rng, self.jacobian_vectors).astype(jnp.float32))
+        info['jacobian_applied'] = jnp.asarray(jacobian_loss, jnp.float32)
       if spectral_radius is not False:
-        radius = lambda: jnp.mean(jacobian.spectral_radius(
-            f, z_star, rho_rng, self.spectral_radius_iters))
-        info['spectral_radius'] = radius() if spectral_radius is True else (
-            lax.cond(jnp.asarray(spectral_radius, bool), radius,
-                     lambda: jnp.zeros([], jnp.float32)))
+        info['spectral_radius'] = _gated(
+            spectral_radius, lambda: jnp.mean(jacobian.spectral_radius(
+                f, z_star, rho_rng, self.spectral_radius_iters)))
     if self.supervise_states is not None:
       return (z_states if not unrolled else [z_star]), info
     return z_star, info
+
+
+def _gated(flag, value_fn: Callable[[], jax.Array]) -> jax.Array:
+  """value_fn() for flag True; for a traced flag under `lax.cond` (0 when off)."""
+  if flag is True:
+    return value_fn()
+  return lax.cond(jnp.asarray(flag, bool), value_fn,
+                  lambda: jnp.zeros([], jnp.float32))
 
 
 def cell_params(params: hk.Params, module_name: str = 'deq') -> hk.Params:
