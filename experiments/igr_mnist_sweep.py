@@ -16,9 +16,17 @@ measures R_IG of the full training-set loss, train and test accuracy and ‖θ�
 `results.json` and the figures are built from those files only, so a killed
 and restarted command reports what an uninterrupted one would.
 
+With `stop_train_accuracy` (e.g. 1.0, the paper's comparison at 100%
+training accuracy) each run stops at the first evaluation, every
+`eval_every` steps, that reaches it, and `num_steps` becomes a cap;
+`results.json` says per run where it stopped (`steps`) and whether it reached
+the rule (`reached_stop_rule`).
+
     python -m experiments.igr_mnist_sweep --workdir=runs/mnist
     python -m experiments.igr_mnist_sweep --workdir=runs/mnist_small \
         --config=experiments/configs/igr_mnist_sweep.py:small
+    python -m experiments.igr_mnist_sweep --workdir=runs/mnist_to_rule \
+        --config.stop_train_accuracy=1.0 --config.eval_every=250
     python -m experiments.igr_mnist_sweep --workdir=runs/mnist_egr \
         --config.sweep.model_width='(400,)' --config.sweep.learning_rate='(0.05,)' \
         --config.sweep.regularizer_coefficient='(0,0.01,0.05)'
@@ -53,26 +61,57 @@ def train_run(config: ml_collections.ConfigDict, arrays, workdir: str) -> list[d
   eval_batches = {split: (lambda split=split: data.mnist_iterator(
       split, config.eval_batch_size, mode='eval', arrays=arrays[split]))
                   for split in ('train', 'test')}
-  _, history = train.fit(
-      workdir=workdir, init_fn=task.init, grad_fn=grad_fn,
-      optimizer=optax.sgd(config.learning_rate),
-      train_iter=data.mnist_iterator('train', config.batch_size, seed=config.seed,
-                                     arrays=arrays['train']),
-      num_steps=config.num_steps, seed=config.seed, parallel=config.parallel,
-      eval_fn=igr.classifier_evaluation(task, eval_batches, r_ig_split='train'),
-      eval_every=config.eval_every, log_every=config.log_every,
-      checkpoint_every=config.checkpoint_every, config=config.to_dict(),
-      allow_config_change=True)
+  eval_fn = igr.classifier_evaluation(task, eval_batches, r_ig_split='train')
+
+  def fit(num_steps):
+    _, history = train.fit(
+        workdir=workdir, init_fn=task.init, grad_fn=grad_fn,
+        optimizer=optax.sgd(config.learning_rate),
+        train_iter=data.mnist_iterator('train', config.batch_size,
+                                       seed=config.seed, arrays=arrays['train']),
+        num_steps=num_steps, seed=config.seed, parallel=config.parallel,
+        eval_fn=eval_fn, eval_every=config.eval_every, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, config=config.to_dict(),
+        allow_config_change=True)
+    return history
+
+  if not config.stop_train_accuracy:
+    return fit(config.num_steps)
+  # The stopping rule: train in segments of eval_every steps (each ends with
+  # an evaluation and a checkpoint) until an evaluation reaches the training
+  # accuracy, or num_steps. What was trained is read back from metrics.jsonl,
+  # so a restarted command continues where the killed one stopped.
+  history = metrics_lib.read_history(workdir)
+  while stop_step(config, history) is None:
+    done = max([r['step'] for r in history if r.get('split') == 'eval'], default=0)
+    history = fit(min(done + config.eval_every, config.num_steps))
   return history
+
+
+def stop_step(config: ml_collections.ConfigDict,
+              history: list[dict]) -> int | None:
+  """The step at which a run ends: num_steps, or with `stop_train_accuracy`
+  the first evaluation reaching it (None while neither is logged)."""
+  evals = [r for r in history if r.get('split') == 'eval']
+  if config.stop_train_accuracy:
+    for r in evals:
+      if r['train_accuracy'] >= config.stop_train_accuracy:
+        return r['step']
+  return config.num_steps if any(r['step'] == config.num_steps for r in evals) else None
 
 
 def run_result(config: ml_collections.ConfigDict, history: list[dict],
                run_dir: str) -> dict[str, Any]:
   """One run's line of results.json, from its config and its metrics.jsonl."""
   m = igr.mnist_mlp_task(config.model.width, config.model.num_layers).num_params
-  final = igr.final_record(history, config.num_steps, run_dir)
+  end = stop_step(config, history)
+  final = igr.final_record(history, config.num_steps if end is None else end,
+                           run_dir)
   mu = config.regularizer.coefficient
   return dict(
+      steps=final['step'],
+      reached_stop_rule=bool(config.stop_train_accuracy and
+                             final['train_accuracy'] >= config.stop_train_accuracy),
       width=config.model.width, learning_rate=config.learning_rate,
       egr_coefficient=mu, num_params=m,
       igr_rate=gr.implicit_regularization_rate(config.learning_rate, m),

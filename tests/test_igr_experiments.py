@@ -240,13 +240,63 @@ def test_mnist_sweep_killed_mid_run(sweep, tmp_path, monkeypatch):
   _same_as_uninterrupted(sweep, str(tmp_path))
 
 
+def test_mnist_sweep_stopping_rule_stops_at_the_first_evaluation_reaching_it(
+    shared_data, tmp_path, monkeypatch):
+  """With `stop_train_accuracy`, a run ends at the first evaluation whose
+  training accuracy reaches it (the rule of [BD21] Fig. 2); a run killed
+  mid-segment and restarted reports what the uninterrupted one did."""
+  config = _config('igr_mnist_sweep', shared_data, num_steps=12, batch_size=128,
+                   eval_batch_size=256, log_every=1, eval_every=2,
+                   checkpoint_every=0, stop_train_accuracy=0.2,
+                   **{'sweep.model_width': (16,), 'sweep.learning_rate': (0.1,),
+                      'sweep.regularizer_coefficient': (0.0,),
+                      'data.train_examples': 512, 'data.eval_examples': 256})
+  reference = str(tmp_path / 'reference')
+  igr_mnist_sweep.run(config, reference)
+  (records,) = _runs(reference).values()
+  evals = [r for r in records if r['split'] == 'eval']
+  (result,) = json.load(open(os.path.join(reference, 'results.json')))['runs'].values()
+  reached = [r['step'] for r in evals if r['train_accuracy'] >= 0.2]
+  assert reached == [evals[-1]['step']] == [result['steps']]  # the first, and last
+  assert 2 < result['steps'] < 12 and result['reached_stop_rule']
+  assert [r['step'] for r in evals] == list(range(2, result['steps'] + 1, 2))
+  assert result['train_accuracy'] == evals[-1]['train_accuracy']
+  # Killed in the segment before the stop, then restarted: the same results.
+  make_iterator, made = data.mnist_iterator, []
+
+  def killed_after(*args, **kwargs):
+    """Each segment's training iterator; the kill comes at step `steps`."""
+    iterator = make_iterator(*args, **kwargs)
+    if kwargs.get('mode', 'train') != 'train':
+      return iterator
+    made.append(KilledAfter(iterator, made[-1].left if made else result['steps'] - 1))
+    return made[-1]
+
+  monkeypatch.setattr(data, 'mnist_iterator', killed_after)
+  killed = str(tmp_path / 'killed')
+  with pytest.raises(Killed):
+    igr_mnist_sweep.run(config, killed)
+  monkeypatch.setattr(data, 'mnist_iterator', make_iterator)
+  igr_mnist_sweep.run(config, killed)
+  assert _runs(killed) == _runs(reference)
+  igr_mnist_sweep.run(config, killed)  # finished: trains nothing more
+  assert _runs(killed) == _runs(reference)
+  # A cap reached before the rule: the run ends at num_steps, not marked reached.
+  capped = config.copy_and_resolve_references()
+  capped.stop_train_accuracy, capped.num_steps = 1.0, 4
+  igr_mnist_sweep.run(capped, str(tmp_path / 'capped'))
+  (result,) = json.load(open(tmp_path / 'capped' / 'results.json'))['runs'].values()
+  assert result['steps'] == 4 and not result['reached_stop_rule']
+
+
 def test_mnist_sweep_refuses_bad_settings(tmp_path):
   for key, value, words in (
       ('sweep.learning_rate', (0.1, 0.0), 'sweep.learning_rate'),
       ('sweep.regularizer_coefficient', (-1.0,), 'regularizer.coefficient'),
       ('sweep.model_width', (16.5,), 'sweep.model_width'),
       ('regularizer.method', 'exact', 'regularizer.method'),
-      ('data.train_examples', 100, 'smaller than one batch')):
+      ('data.train_examples', 100, 'smaller than one batch'),
+      ('stop_train_accuracy', 1.5, 'stop_train_accuracy')):
     with pytest.raises(cli.ConfigError, match=words):
       _config('igr_mnist_sweep', **{key: value})
   with pytest.raises(cli.ConfigError, match='no_such_key'):

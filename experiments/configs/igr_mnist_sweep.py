@@ -26,6 +26,10 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   config.batch_size = 512           # global training batch
   config.eval_batch_size = 2000     # batch of the final evaluation and R_IG
   config.learning_rate = 0.05       # h: constant, plain SGD (swept below)
+  config.stop_train_accuracy = 0.0  # > 0: the paper's stopping rule, stop at the
+                                    # first evaluation (every eval_every steps)
+                                    # with this training accuracy; num_steps
+                                    # is then a cap (0: train num_steps)
   config.model = ml_collections.ConfigDict()
   config.model.width = 400          # units of each hidden layer (swept below)
   config.model.num_layers = 5       # linear layers: num_layers - 1 hidden ReLU
@@ -72,4 +76,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.train_examples={config.data.train_examples} is '
                      f'smaller than one batch (batch_size={config.batch_size}).')
   checks.check_positive(config, 'sweep.learning_rate')
+  if not 0 <= config.stop_train_accuracy <= 1:
+    raise ValueError('stop_train_accuracy must be in [0, 1] (0: no stopping '
+                     f'rule), got {config.stop_train_accuracy}.')
+  if config.stop_train_accuracy and config.eval_every < 1:
+    raise ValueError('stop_train_accuracy needs eval_every >= 1: the rule is '
+                     'checked at each evaluation.')
   igr.check_regularizer(config.regularizer, config.sweep.regularizer_coefficient)

@@ -82,6 +82,7 @@ class TrainingSettings:
   jacobian_adaptive: str = 'none'
   jacobian_controller: Any = None  # adaptive.ControllerConfig, or None
   spectral_radius_iters: int = 20  # power iterations per rho measurement
+  eval_spectral_radius: bool = False  # evaluation also measures rho(J_f(z*))
 
 
 class ClassifierFns(NamedTuple):
@@ -154,7 +155,8 @@ def build_classifier(config: mdeq.MDEQConfig, settings: TrainingSettings,
           spectral_radius_iters=settings.spectral_radius_iters, name='mdeq')
       step = deq_lib.step_count(increment=is_training)
       if not is_training:
-        return model(images, is_training=False)
+        return model(images, is_training=False,
+                     spectral_radius=settings.eval_spectral_radius)
       if unrolled:
         weight = jnp.asarray(settings.pretrain_jacobian_weight, jnp.float32)
         prob = jnp.asarray(1.0 if settings.pretrain_jacobian_weight else 0.0)
@@ -206,7 +208,9 @@ def build_classifier(config: mdeq.MDEQConfig, settings: TrainingSettings,
     return loss_fn
 
   def predict_fn(params, model_state, images):
-    (logits, info), _ = model.apply(params, model_state, None, images, False,
+    # A fixed key: the power iteration's start vector when rho is measured.
+    rng = jax.random.PRNGKey(0) if settings.eval_spectral_radius else None
+    (logits, info), _ = model.apply(params, model_state, rng, images, False,
                                     False)
     return logits, info
 
@@ -310,12 +314,15 @@ def build(config, image_shape: tuple[int, int, int], num_steps: int = 1,
   """The classifier's functions (jreg.train contracts) for `config`.
 
   With `probe`, evaluation uses the NFE-to-tolerance probe's solver: budget
-  `probe.max_iter`, tolerance `probe.tol` on the relative residual.
+  `probe.max_iter`, tolerance `probe.tol` on the relative residual, and also
+  measures the spectral radius of J_f at the fixed point it reaches.
   """
   settings = training_settings(config, num_steps)
   if probe:
-    settings = dataclasses.replace(settings, eval_forward=settings.forward._replace(
-        max_iter=config.probe.max_iter, tol=config.probe.tol, stop_mode='rel'))
+    settings = dataclasses.replace(
+        settings, eval_spectral_radius=settings.network == 'mdeq',
+        eval_forward=settings.forward._replace(
+            max_iter=config.probe.max_iter, tol=config.probe.tol, stop_mode='rel'))
   return build_classifier(model_config(config, num_classes), settings,
                           tuple(image_shape))
 
@@ -331,8 +338,10 @@ def make_eval_fn(config, fns: ClassifierFns, probe_fns: ClassifierFns | None,
   of `probe.batch_size`; a batch stops when all its examples reached the
   tolerance (jreg.deq's batch rule), so `probe_nfe_to_tol` is the mean over
   batches of that count, and `probe_converged_fraction` the share of examples
-  that reached it. `train_wall_time` is this process's training time so far
-  (evaluation excluded).
+  that reached it; `probe_spectral_radius` is the batch mean of rho(J_f(z*))
+  at the probe's fixed points (power iteration, `jacobian.radius_iters`).
+  `train_wall_time` is this process's training time so far (evaluation
+  excluded).
   """
 
   def per_example(predict):
@@ -344,7 +353,7 @@ def make_eval_fn(config, fns: ClassifierFns, probe_fns: ClassifierFns | None,
              'cross_entropy': optax.softmax_cross_entropy_with_integer_labels(
                  logits, labels)}
       for key in ('forward_nfe', 'forward_rel_residual', 'forward_abs_residual',
-                  'forward_converged_fraction'):
+                  'forward_converged_fraction', 'spectral_radius'):
         if key in info:
           out[key] = jnp.full(labels.shape, info[key], jnp.float32)
       return out
@@ -364,6 +373,8 @@ def make_eval_fn(config, fns: ClassifierFns, probe_fns: ClassifierFns | None,
       result.update(probe_nfe_to_tol=probe['forward_nfe'],
                     probe_rel_residual=probe['forward_rel_residual'],
                     probe_converged_fraction=probe['forward_converged_fraction'])
+      if 'spectral_radius' in probe:
+        result['probe_spectral_radius'] = probe['spectral_radius']
     now = time.perf_counter()
     clock['eval'] += now - start
     result['train_wall_time'] = now - clock['start'] - clock['eval']
@@ -436,7 +447,7 @@ def with_phases(config, history: list[dict]) -> list[dict]:
 
 EVAL_KEYS = ('accuracy', 'cross_entropy', 'forward_nfe', 'forward_rel_residual',
              'probe_nfe_to_tol', 'probe_rel_residual', 'probe_converged_fraction',
-             'train_wall_time')
+             'probe_spectral_radius', 'train_wall_time')
 
 
 def summarize(config, history: list[dict], num_params: int) -> dict[str, Any]:
