@@ -313,7 +313,7 @@ def two_parameter_claims(runs: str) -> list[dict]:
            f'h = {min(hs)}..{max(hs)} (float64, RK4 flows)')
   return [
       claim('BD21', 'Section 3, Theorem 3.1', 'GD follows the exact gradient flow '
-            'to first order in h and the modified flow of L + (h/4)||grad L||^2 '
+            'to first order in h and the modified flow of L + (h/4)‖∇L‖² '
             'to second order', 'orders 1 and 2',
             f'slopes {r["slope_exact_flow"]:.3f} (exact flow) and '
             f'{r["slope_modified_flow"]:.3f} (modified flow)', scale,
@@ -323,8 +323,8 @@ def two_parameter_claims(runs: str) -> list[dict]:
             'the theory', dict(slope_exact_flow=r['slope_exact_flow'],
                                slope_modified_flow=r['slope_modified_flow'])),
       claim('BD21', 'Prediction 2.1, Fig. 1', 'larger learning rates end at '
-            'minima of smaller parameter norm', '||theta|| falls as h grows',
-            f'||theta|| = {norms[0]:.4f} at h = {hs[0]} -> {norms[-1]:.4f} at '
+            'minima of smaller parameter norm', '‖θ‖ falls as h grows',
+            f'‖θ‖ = {norms[0]:.4f} at h = {hs[0]} -> {norms[-1]:.4f} at '
             f'h = {hs[-1]} (exact flow {r["exact_flow_param_norm"]:.4f})', scale,
             verdict_monotone(norms), 'reproduced when strictly decreasing in h '
             'over the whole range', dict(learning_rates=hs, param_norms=norms)),
@@ -536,7 +536,9 @@ def mdeq_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
             "paper's direction; its size is not compared (other scale)"),
       claim('BKK21', 'Section 5.2 (CIFAR-10)', 'the term costs little accuracy',
             'a small accuracy cost (<= 1 point at full scale)',
-            f'test accuracy {acc["JR"]:.3f} (JR) vs {acc["no JR"]:.3f} (no JR)',
+            f'test accuracy {acc["JR"]:.3f} (JR) vs {acc["no JR"]:.3f} (no JR); '
+            f'training wall time {wall["JR"] / 60:.0f} vs {wall["no JR"] / 60:.0f} '
+            'min (cores shared with other runs: not a speed comparison)',
             scale, 'reproduced' if acc['no JR'] - acc['JR'] <= 0.02 else
             'not reproduced', 'a gap of at most 2 points (one run\'s standard '
             f'error on these test images: {100 * standard_error:.1f} points)'),
@@ -587,7 +589,8 @@ def wt2_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
            f'Anderson {config.deq.forward.max_iter} / Broyden '
            f'{config.deq.backward.max_iter} at tol {config.deq.forward.tol}; '
            f'training wall time {jr["train_wall_time_s"] / 60:.0f} min (JR) and '
-           f'{nojr["train_wall_time_s"] / 60:.0f} min (no JR), one core each; '
+           f'{nojr["train_wall_time_s"] / 60:.0f} min (no JR), each pinned to '
+           'one core that other runs shared; '
            'validation: the whole split')
   ratio = nfe['no JR'] / nfe['JR']
   values = dict(valid_forward_nfe=nfe, valid_ppl=ppl,
@@ -669,7 +672,7 @@ def plot_mnist_grid(rows, widths, rates, path):
   with plotting.figure(path, ncols=3, size=(4.8, 3.8)) as (fig, axes):
     for ax, grid, title, label in (
         (axes[0], acc, 'Test accuracy at the stopping rule', 'test accuracy'),
-        (axes[1], rig, 'Final R_IG = ||grad L||^2 / m', 'log10 R_IG')):
+        (axes[1], rig, 'Final R_IG = ‖∇L‖² / m', 'log10 R_IG')):
       image = ax.imshow(grid, origin='lower', aspect='auto', cmap='viridis')
       ax.set_xticks(range(len(rates)), [f'{h:g}' for h in rates])
       ax.set_yticks(range(len(widths)), [str(w) for w in widths])
