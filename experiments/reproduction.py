@@ -837,7 +837,7 @@ about the papers' own figures. Not run at all: WikiText-103 and ImageNet
 (no GPU; the configurations and the code paths are tested), and a CIFAR-10
 ResNet to 85% (its row gives the measured cost). The MNIST grid is the full
 width x learning-rate grid on a 10,240-image training subset with a step cap,
-the MDEQ runs are about one epoch, and the DEQ-Transformer runs are an hour
+the MDEQ runs are about one epoch, and the DEQ-Transformer runs are over an hour
 of wall time on a shared core each; BUILD_NOTES.md ("Reproduction report")
 says why each was cut where it was."""
 
