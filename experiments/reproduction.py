@@ -141,11 +141,8 @@ def mdeq_accuracy_at_budgets(workdirs: Sequence[str], budgets=None,
   test = data.first_examples(data.load_cifar10('test', source=source,
                                                data_dir=data_dir), examples)
   image_shape = tuple(test['image'].shape[1:])
-  restored = {}
-  for workdir in workdirs:
-    run = run_config(workdir)
-    restored[workdir] = restore_params(
-        workdir, mdeq_task.build(run, image_shape, run.num_steps).init_fn, run)
+  init_fn = mdeq_task.build(config, image_shape, config.num_steps).init_fn
+  restored = {w: restore_params(w, init_fn, run_config(w)) for w in workdirs}
   name = os.path.basename  # results are keyed by run folder
   out = {name(w): {'step': restored[w][2], 'examples': examples, 'accuracy': {},
                    'forward_nfe': {}} for w in workdirs}
@@ -179,10 +176,8 @@ def wt2_perplexity_at_budgets(workdirs: Sequence[str], budgets=None,
   corpus = wikitext.load_wikitext(config.data.name, source=source,
                                   data_dir=data_dir)
   vocab = len(corpus.vocabulary)
-  restored = {}
-  for workdir in workdirs:
-    run = run_config(workdir)
-    restored[workdir] = restore_params(workdir, deq_lm.build(run, vocab).init_fn, run)
+  init_fn = deq_lm.build(config, vocab).init_fn
+  restored = {w: restore_params(w, init_fn, run_config(w)) for w in workdirs}
   name = os.path.basename  # results are keyed by run folder
   out = {name(w): {'step': restored[w][2], 'max_batches': max_batches, 'ppl': {},
                    'forward_nfe': {}, 'forward_rel_residual': {}} for w in workdirs}
@@ -671,6 +666,16 @@ def memory_claims(runs: str) -> tuple[list[dict], dict]:
 # --- figures ----------------------------------------------------------------
 
 
+def label_panels(axes, labels, prefix: str) -> None:
+  """Axis labels, `prefix: title`, grid and legend for each panel of `axes`."""
+  for ax, (xlabel, ylabel, title) in zip(axes.flat, labels):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f'{prefix}: {title}', fontsize='small')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='x-small')
+
+
 def plot_mnist_grid(rows, widths, rates, path):
   """[BD21] Fig. 2 as heatmaps over the grid, and against lambda."""
   acc = np.full((len(widths), len(rates)), np.nan)
@@ -758,12 +763,7 @@ def plot_mdeq(per_run, path):
                'NFE to tolerance over training'),
               ('training step', 'rho(J_f(z*))', 'Spectral radius over training'),
               ('training wall time (min)', 'test accuracy', 'Accuracy against time'))
-    for ax, (xl, yl, title) in zip(axes.flat, labels):
-      ax.set_xlabel(xl)
-      ax.set_ylabel(yl)
-      ax.set_title(f'MDEQ small, CIFAR-10: {title}', fontsize='small')
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize='x-small')
+    label_panels(axes, labels, 'MDEQ small, CIFAR-10')
 
 
 def plot_wt2(per_run, config, path):
@@ -789,12 +789,7 @@ def plot_wt2(per_run, config, path):
               ('training step', 'forward relative residual', 'Residual at the budget'),
               ('forward NFE budget', 'validation perplexity',
                'Perplexity at a fixed budget (end of training)'))
-    for ax, (xl, yl, title) in zip(axes.flat, labels):
-      ax.set_xlabel(xl)
-      ax.set_ylabel(yl)
-      ax.set_title(f'DEQ-Transformer, WikiText-2: {title}', fontsize='small')
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize='x-small')
+    label_panels(axes, labels, 'DEQ-Transformer, WikiText-2')
 
 
 # --- the report -------------------------------------------------------------
