@@ -10,13 +10,14 @@ from jreg.models import adaptive_softmax as asm
 V, P, N = 23, 8, 11  # vocabulary, model width, tokens
 
 
-def _build(cutoffs, div_val, tied, chunk_size=None, d_embed=P):
+def _build(cutoffs, div_val, tied, chunk_size=None, d_embed=P, tail_chunks=4):
   def forward(hidden, targets, tokens):
     embedding = asm.AdaptiveEmbedding(V, d_embed, P, cutoffs, div_val,
                                       init_std=0.5, proj_init_std=0.5)
     softmax = asm.AdaptiveLogSoftmax(
         V, d_embed, P, cutoffs, div_val, tied_embedding=embedding if tied else None,
-        init_std=0.5, proj_init_std=0.5, chunk_size=chunk_size)
+        init_std=0.5, proj_init_std=0.5, chunk_size=chunk_size,
+        tail_chunks=tail_chunks)
     return embedding(tokens), softmax(hidden, targets), softmax.log_probs(hidden)
   model = hk.without_apply_rng(hk.transform(forward))
   return hk.Transformed(jax.jit(model.init), jax.jit(model.apply))
@@ -104,6 +105,44 @@ def test_matches_token_by_token_reference_and_chunking():
   np.testing.assert_allclose(total(chunked, params), total(model, params), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_chunk)):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize('targets', [
+    'mixed',         # rows in the head and in every tail cluster (3-row chunks)
+    'head_only',     # no tail rows: every chunk skipped
+    'one_cluster',   # all 11 rows in cluster 2: all 4 chunks, the last partial
+])
+def test_gathered_tails_equal_dense_tails_to_second_order(targets):
+  """Tails scored on their own rows only = every row scored (values, grad, HVP)."""
+  cutoffs = (5, 10, 20)
+  hidden, mixed = _inputs(3)
+  targets = {'mixed': mixed, 'head_only': mixed % 5,
+             'one_cluster': 10 + mixed % 10}[targets]
+  dense = _build(cutoffs, 2, True, tail_chunks=0)
+  gathered = _build(cutoffs, 2, True, tail_chunks=4)   # ceil(11 / 4) = 3 rows
+  params = _params(dense, hidden, targets)
+
+  def total(m, p, h):
+    return jnp.sum(jnp.sin(m.apply(p, h, targets, targets)[1]))
+  np.testing.assert_allclose(gathered.apply(params, hidden, targets, targets)[1],
+                             dense.apply(params, hidden, targets, targets)[1],
+                             rtol=1e-6, atol=1e-6)
+  grads = [jax.grad(lambda p, h: total(m, p, h), argnums=(0, 1))(params, hidden)
+           for m in (dense, gathered)]
+  for a, b in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  # Forward over reverse (what an HVP gradient penalty differentiates).
+  tangent = jax.tree.map(jnp.ones_like, params)
+  hvps = [jax.jvp(jax.grad(lambda p: total(m, p, hidden)), (params,), (tangent,))[1]
+          for m in (dense, gathered)]
+  for a, b in zip(*map(jax.tree.leaves, hvps)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_negative_tail_chunks_are_rejected():
+  with pytest.raises(ValueError, match='tail_chunks must be >= 0'):
+    _build((5,), 1, False, tail_chunks=-1).init(
+        jax.random.PRNGKey(0), *_inputs(), _inputs()[1])
 
 
 @pytest.mark.parametrize('div_val', [1, 2])

@@ -87,6 +87,7 @@ class TransformerConfig:
   init_std: float = 0.01        # N(0, init_std) for weights and embeddings
   proj_init_std: float = 0.01   # N(0, proj_init_std) for adaptive projections
   softmax_chunk_size: Optional[int] = 4096  # rows per chunk of tail logits
+  softmax_tail_chunks: int = 4  # tails only for their own rows; 0: every row
 
   def __post_init__(self):
     if self.architecture not in ('deq', 'transformer_xl'):
@@ -395,7 +396,8 @@ class DEQTransformerLM(hk.Module):
         cfg.vocab_size, d_embed, cfg.d_model, cfg.cutoffs, cfg.div_val,
         tied_embedding=embedding if cfg.tie_weights else None,
         tie_projections=cfg.tie_projections, init_std=cfg.init_std,
-        proj_init_std=cfg.proj_init_std, chunk_size=cfg.softmax_chunk_size)
+        proj_init_std=cfg.proj_init_std, chunk_size=cfg.softmax_chunk_size,
+        tail_chunks=cfg.softmax_tail_chunks)
     log_prob = softmax(hidden.reshape(batch * length, cfg.d_model),
                        targets.reshape(batch * length))
     return log_prob.reshape(batch, length), info

@@ -46,6 +46,9 @@ from jreg.tasks import optimizers
 MODEL_KEYS = ('architecture', 'd_model', 'n_head', 'd_head', 'd_inner', 'cutoffs',
               'div_val', 'dropout', 'dropatt', 'pre_lnorm', 'weight_norm',
               'mem_len', 'n_layer', 'init_std', 'proj_init_std')
+# Implementation choices with defaults in `TransformerConfig`, read when set
+# (e.g. `softmax_tail_chunks=0`, the dense tails, for a comparison).
+OPTIONAL_MODEL_KEYS = ('softmax_chunk_size', 'softmax_tail_chunks')
 
 
 def model_config(config, vocab_size: int) -> dtm.TransformerConfig:
@@ -55,6 +58,9 @@ def model_config(config, vocab_size: int) -> dtm.TransformerConfig:
     ValueError: an inconsistent architecture (one sentence, from the model).
   """
   values = {key: config.model[key] for key in MODEL_KEYS}
+  for key in OPTIONAL_MODEL_KEYS:   # not in the experiment configs
+    if key in config.model:
+      values[key] = config.model[key]
   values['cutoffs'] = tuple(values['cutoffs'])
   return dtm.TransformerConfig(vocab_size=vocab_size, **values)
 
