@@ -20,13 +20,14 @@ stride s, padding (lo, hi), kernel size K; one spatial axis shown):
 
 where gd is the cotangent g dilated by s (s - 1 zeros between entries) and
 gd_p is gd padded by K - 1 - lo on the left; flip(w)^T reverses the kernel's
-spatial axes and swaps its input and output channels; in the weight gradient
-the batch plays the role of the input channels (xpad^T: [C_in, H, W, B],
-gd^T: [H', W', B, C_out]). All three are canonical forward convolutions
-(the input gradient is exactly what cuDNN's backward-data algorithm
-computes), and the backward pass calls `conv2d` itself, so it is
-differentiable again in reverse mode (the Jacobian term differentiates a
-VJP of the cell) with every derivative canonical.
+spatial axes and swaps its input and output channels. The input gradient is
+a canonical forward convolution (exactly what cuDNN's backward-data
+algorithm computes); the weight gradient is one matmul per kernel tap k (the
+strided window xpad[s m + k] of every example against g, contracted over
+batch and positions, in row groups: `_weight_gradient`). The backward pass
+calls `conv2d` and matmuls only, so it is differentiable again in reverse
+mode (the Jacobian term differentiates a VJP of the cell) with every
+derivative canonical.
 
 Backends: the rewritten backward is used on CPU only. On GPU and TPU the
 backward is `jax.vjp` of `lax.conv_general_dilated`, i.e. exactly the ops
@@ -67,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from typing import Callable, Optional, Sequence, Union
 
 import haiku as hk
@@ -124,6 +126,11 @@ def _explicit_padding(padding: Padding, kernel: tuple[int, int],
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
+# Row groups of the weight gradient's contraction (a power of two; fewer when
+# B * H' * W' has fewer factors of two).
+_WEIGHT_GRADIENT_GROUPS = 16
+
+
 def _xla_conv(x, w, strides, padding):
   return lax.conv_general_dilated(x, w, strides, padding,
                                   dimension_numbers=_DIMENSION_NUMBERS)
@@ -156,17 +163,44 @@ def _conv_bwd(strides, padding, residuals, g):
                       (kw - 1 - lo_w, right_w, sw - 1), (0, 0, 0)))
   w_flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)  # [kh, kw, C_out, C_in]
   dx = _conv(g_padded, w_flipped, (1, 1), ((0, 0), (0, 0)))
-  # Weight gradient: batch as the contracted feature axis.
-  g_dilated = lax.pad(g, jnp.zeros((), g.dtype),
-                      ((0, 0, 0), (0, 0, sh - 1), (0, 0, sw - 1), (0, 0, 0)))
   x_padded = lax.pad(x, jnp.zeros((), x.dtype),
                      ((0, 0, 0), (lo_h, kh + sh * (h_out - 1) - h_in - lo_h, 0),
                       (lo_w, kw + sw * (w_out - 1) - w_in - lo_w, 0),
                       (0, 0, 0)))
-  dw = _conv(x_padded.transpose(3, 1, 2, 0),   # [C_in, H_p, W_p, B]
-             g_dilated.transpose(1, 2, 0, 3),  # [H_d, W_d, B, C_out]
-             (1, 1), ((0, 0), (0, 0)))          # [C_in, kh, kw, C_out]
-  return dx, dw.transpose(1, 2, 0, 3)
+  return dx, _weight_gradient(x_padded, g, (kh, kw), (sh, sw))
+
+
+def _weight_gradient(x_padded, g, kernel, strides):
+  """dw[i, j] = sum_{b, m, n} xpad[b, s m + i, s n + j] g[b, m, n], as matmuls.
+
+  One matmul per kernel tap (i, j): the strided window of the padded input
+  that tap sees, `[R, C_in]` with R = B * H' * W' rows, contracted with the
+  cotangent `[R, C_out]`. The R rows are split into G groups contracted
+  separately and summed (`[G, C_in, C_out]`), which gives XLA:CPU's matmul
+  G independent blocks to run in parallel: a single contraction over R with
+  a `[C_in, C_out]` result runs at a fifth of matmul speed. Measured at the
+  benchmark's shape ([64, 32, 32, 48] -> 64 channels, 3x3): 95-115 ms
+  against 136 ms for autodiff's weight gradient outside control flow (9.7 s
+  inside `lax.cond`) and 247 ms for the same contraction written as a
+  forward convolution with the batch as its feature axis.
+  """
+  (kh, kw), (sh, sw) = kernel, strides
+  batch, h_out, w_out, c_out = g.shape
+  c_in = x_padded.shape[-1]
+  rows = batch * h_out * w_out
+  groups = math.gcd(rows, _WEIGHT_GRADIENT_GROUPS)
+  g_rows = g.reshape(groups, rows // groups, c_out)
+
+  def tap(i, j):
+    window = lax.slice(x_padded, (0, i, j, 0),
+                       (batch, i + sh * (h_out - 1) + 1,
+                        j + sw * (w_out - 1) + 1, c_in),
+                       (1, sh, sw, 1))                     # [B, H', W', C_in]
+    return jnp.einsum('grc,gro->gco', window.reshape(groups, -1, c_in),
+                      g_rows).sum(0)
+
+  return jnp.stack([jnp.stack([tap(i, j) for j in range(kw)])
+                    for i in range(kh)])                   # [kh, kw, C_in, C_out]
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
