@@ -170,11 +170,14 @@ def _cluster_logsumexp(x: jax.Array, weight: jax.Array, bias: jax.Array,
   `ceil(count / chunk_rows) * chunk_rows * V_i * d_i` instead of
   `N * V_i * d_i`, exactly, with static shapes. This is the computation of
   Transformer-XL's `ProjectedAdaptiveLogSoftmax`, which selects the
-  cluster's rows with `index_select`. Each chunk's logits are recomputed in
-  the backward pass (`jax.checkpoint`): storing them costs more than
-  recomputing them, and a skipped chunk then stores nothing. (A `lax.switch`
-  over the number of active chunks is slower: reverse mode makes every
-  branch emit the residuals of the largest.)
+  cluster's rows with `index_select`. When the rows fit in one chunk (the
+  common case) that chunk is scored without the loop (`lax.cond`), sparing
+  the loop's per-iteration accumulation of the weight's cotangent. Each
+  chunk's logits are recomputed in the backward pass (`jax.checkpoint`):
+  storing them costs more than recomputing them, and a skipped chunk then
+  stores nothing. (A `lax.switch` over the number of active chunks is
+  slower: reverse mode makes every branch emit the residuals of the
+  largest.)
 
   Returns:
     `[N]`: the log-normaliser on rows in the cluster, 0 on the others.
@@ -190,15 +193,21 @@ def _cluster_logsumexp(x: jax.Array, weight: jax.Array, bias: jax.Array,
   weight = jnp.concatenate([weight, bias[:, None].astype(weight.dtype)], axis=1)
   chunks = jnp.take(x, rows, axis=0).reshape(num_chunks, chunk_rows, x.shape[1])
 
+  score = jax.checkpoint(lambda c: jax.nn.logsumexp(c @ weight.T, axis=-1))
+
   def chunk_lse(args):
     start, chunk = args
-    return jax.lax.cond(
-        start < count,
-        lambda c: jax.nn.logsumexp(c @ weight.T, axis=-1),
-        lambda c: jnp.zeros(c.shape[:1], c.dtype), chunk)
+    return jax.lax.cond(start < count, score,
+                        lambda c: jnp.zeros(c.shape[:1], c.dtype), chunk)
 
-  starts = jnp.arange(num_chunks) * chunk_rows
-  lse = jax.lax.map(jax.checkpoint(chunk_lse), (starts, chunks)).reshape(-1)
+  def every_chunk(chunks):
+    starts = jnp.arange(num_chunks) * chunk_rows
+    return jax.lax.map(chunk_lse, (starts, chunks)).reshape(-1)
+
+  def first_chunk(chunks):   # the common case, without the loop's bookkeeping
+    return jnp.pad(score(chunks[0]), (0, (num_chunks - 1) * chunk_rows))
+
+  lse = jax.lax.cond(count <= chunk_rows, first_chunk, every_chunk, chunks)
   valid = jnp.arange(num_chunks * chunk_rows) < count
   return jnp.zeros(n, lse.dtype).at[rows].add(jnp.where(valid, lse, 0.0))
 
