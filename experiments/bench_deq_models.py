@@ -34,14 +34,22 @@ Layers (`--layers`, default `custom,xla`): every case is compiled and timed
 with `jreg.layers` in each listed implementation ('custom': convolutions with
 their own VJP and one-pass GroupNorm; 'xla': autodiff of
 `lax.conv_general_dilated` and two-pass GroupNorm, the code path before
-`jreg.layers`); results are keyed `case/impl`, the cases of one name are timed
+`jreg.layers`, and for the DEQ-Transformer also the dense adaptive-softmax
+tails, `softmax_tail_chunks=0`); results are keyed `case/impl`, the cases of
+one name are timed
 interleaved (`--rounds`), and `speedup_custom_over_xla` gives, per case, the
 ratio of the xla step time to the custom one. `compile_s` is the time of
 `jit(...).lower(...).compile()` of the whole training step.
 
 Memory against forward NFE (`--memory_nfe=10,40`): for the first case listed
 (usually `mdeq_jr`), the compiled step's planned memory at each forward
-budget (flat if the implicit layer stores no iterates).
+budget (flat if the implicit layer stores no iterates and the forward
+solver's memory does not grow with its budget: Anderson's does not,
+Broyden's with `broyden_rank=None` does).
+
+The DEQ-Transformer's batch is WikiText-2 text when the data is found
+(`$JREG_DATA_DIR` or the download cache), else Zipf-distributed token ranks
+(`_text_tokens`): the softmax's cost depends on the tokens' frequencies.
 
     python -m experiments.bench_deq_models --cases=mdeq_jr,deqtx_jr --steps=3
 """
@@ -325,8 +333,9 @@ def define_flags():
   flags.DEFINE_integer('warmup', 1, 'Untimed steps after compiling.')
   flags.DEFINE_integer('rounds', 2, 'Interleaved rounds over --layers.')
   flags.DEFINE_list('layers', ['custom', 'xla'],
-                    'jreg.layers implementations (custom, xla); the first '
-                    'one keys the plain case names.')
+                    'Code paths: custom (jreg.layers, gathered softmax tails) '
+                    'and xla (before them); the first one keys the plain '
+                    'case names.')
   flags.DEFINE_list('memory_nfe', [], 'Forward budgets for the memory '
                     'comparison of the first case (e.g. 10,40).')
 
