@@ -657,9 +657,9 @@ def memory_claims(runs: str) -> tuple[list[dict], dict]:
                                     sorted(nfe_mb.items(), key=lambda kv: int(kv[0]))),
             scale, 'reproduced' if nfe_mb[high] <= 1.05 * nfe_mb[low] else
             'not reproduced', 'reproduced when within 5%; the growth is '
-            "attributed by arithmetic to Broyden's rank-max_iter buffers (u_i, "
-            'v_i), not confirmed with a fixed rank; no iterates are stored for '
-            'the backward pass'),
+            "Broyden's rank-max_iter buffers (u_i, v_i): with Anderson as the "
+            'forward solver the same step plans the same memory at both budgets '
+            '(BUILD_NOTES); no iterates are stored for the backward pass'),
   ], values
 
 
