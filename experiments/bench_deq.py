@@ -39,7 +39,13 @@ Layers. `--layers=custom` (default) builds the cell's convolutions and
 GroupNorms with `jreg.layers` (convolution with its own VJP, one-pass
 GroupNorm); `--layers=xla` with autodiff of `lax.conv_general_dilated` and
 the two-pass GroupNorm (the code path before `jreg.layers`);
-`--layers=custom,xla` times both.
+`--layers=custom,xla` times both. The head's 8x8 average pooling is
+`jreg.layers.avg_pool` (a reshape and a mean; `hk.avg_pool` with `xla`).
+
+Compilation. Every jitted function here is compiled as jreg compiles its
+training steps (`jreg.xla_cpu.jit`: on CPU, convolutions by XLA's own
+multi-threaded kernels rather than YNNPACK); `--nocompiler_options` compiles
+with XLA's defaults instead, for comparison.
 
 Usage (the figure in BUILD_NOTES.md; a few minutes on 2 cores):
   python -m experiments.bench_deq --model=conv
@@ -61,6 +67,7 @@ import optax
 
 from jreg import cli
 from jreg import layers
+from jreg import xla_cpu
 import jreg.deq
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -90,6 +97,9 @@ def define_flags():
   flags.DEFINE_list('layers', ['custom'],
                     'jreg.layers implementations timed: custom, xla.')
   flags.DEFINE_bool('reference', True, 'Also run the torchdeq reference.')
+  flags.DEFINE_bool('compiler_options', True,
+                    "Compile with jreg.xla_cpu's options, as jreg's training "
+                    "steps are (--nocompiler_options: XLA's defaults).")
   flags.DEFINE_string('torchdeq_python', str(DEFAULT_TORCH_PYTHON),
                       'Python of the torchdeq environment.')
   flags.DEFINE_string('reference_script', str(DEFAULT_REFERENCE),
@@ -100,6 +110,7 @@ def default_config():
   return dict(model='conv', batch=64, channels=48, inner=64, f_iters=20,
               b_iters=20, steps=4, rounds=2, warmup=1, loop='while',
               loop_forms=LOOP_FORMS, layers=('custom',), reference=True,
+              compiler_options=True,
               torchdeq_python=str(DEFAULT_TORCH_PYTHON),
               reference_script=str(DEFAULT_REFERENCE), seed=0)
 
@@ -172,7 +183,7 @@ def _stem(config, inputs, impl):
 def _head_loss(config, z, targets, impl):
   if config['model'] == 'conv':
     h = layers.GroupNorm(8, impl=impl, name='head_gn')(z)
-    h = hk.avg_pool(h, 8, 8, 'VALID')                          # [B, 4, 4, C]
+    h = layers.avg_pool(h, 8, impl=impl)                       # [B, 4, 4, C]
     logits = hk.Linear(10, name='fc')(h.reshape(h.shape[0], -1))
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   return jnp.mean(jnp.square(z - targets))
@@ -221,9 +232,14 @@ def build(config, loop='while', impl='custom'):
           lambda p: model.apply(p, rng, inputs, targets, solve))(params)
       updates, opt_state = optimizer.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, value
-    return jax.jit(step)
+    return _jit(config, step)
 
   return params, opt_state, make_step(True), make_step(False), inputs
+
+
+def _jit(config, fun):
+  """`jax.jit`, with jreg's compiler options unless the config turns them off."""
+  return xla_cpu.jit(fun) if config['compiler_options'] else jax.jit(fun)
 
 
 def _median_time(fn, args, steps, warmup):
@@ -276,10 +292,10 @@ def _cell_timers(config, params, inputs, steps, impl):
   x = stem.apply(params, inputs)
   cell_params = jreg.deq.cell_params(params, 'deq')
   z = x
-  f = jax.jit(cell.apply)
+  f = _jit(config, cell.apply)
   t_f = _median_time(f, (cell_params, z, x), steps, 1)
   _, vjp_fn = jax.vjp(lambda zz: cell.apply(cell_params, zz, x), z)
-  apply_vjp = jax.jit(lambda vjp_fn, u: vjp_fn(u))
+  apply_vjp = _jit(config, lambda vjp_fn, u: vjp_fn(u))
   t_vjp = _median_time(apply_vjp, (vjp_fn, z), steps, 1)
   return t_f, t_vjp
 
@@ -357,6 +373,8 @@ def run(config, workdir):
       'batch': config['batch'], 'f_iters': config['f_iters'],
       'b_iters': config['b_iters'], 'loop': config['loop'],
       'layers': config['layers'][0],
+      'compiler_options': (xla_cpu.compiler_options()
+                           if config['compiler_options'] else None),
       'median_step_s': main['median_step_s'],
       't_f_s': main['t_f_s'], 't_vjp_s': main['t_vjp_s'],
       't_rest_s': main['t_rest_s'], 'ideal_step_s': main['ideal_step_s'],
@@ -399,7 +417,7 @@ def main(argv):
                 f_iters=FLAGS.f_iters, b_iters=FLAGS.b_iters, steps=FLAGS.steps,
                 rounds=FLAGS.rounds, warmup=FLAGS.warmup, loop=FLAGS.loop,
                 loop_forms=tuple(FLAGS.loop_forms), layers=tuple(FLAGS.layers),
-                reference=FLAGS.reference,
+                reference=FLAGS.reference, compiler_options=FLAGS.compiler_options,
                 torchdeq_python=FLAGS.torchdeq_python,
                 reference_script=FLAGS.reference_script)
   try:

@@ -35,7 +35,8 @@ with `jreg.layers` in each listed implementation ('custom': convolutions with
 their own VJP and one-pass GroupNorm; 'xla': autodiff of
 `lax.conv_general_dilated` and two-pass GroupNorm, the code path before
 `jreg.layers`, and for the DEQ-Transformer also the dense adaptive-softmax
-tails, `softmax_tail_chunks=0`); results are keyed `case/impl`, the cases of
+tails, `softmax_tail_chunks=0`, and compiled with XLA's default options
+rather than `jreg.xla_cpu`'s); results are keyed `case/impl`, the cases of
 one name are timed
 interleaved (`--rounds`), and `speedup_custom_over_xla` gives, per case, the
 ratio of the xla step time to the custom one. `compile_s` is the time of
@@ -71,9 +72,10 @@ import numpy as np
 import optax
 
 from jreg import cli
-from jreg import layers
 from jreg import data
+from jreg import layers
 from jreg import train
+from jreg import xla_cpu
 from jreg.data import wikitext
 from jreg.models import count_params
 from jreg.tasks import deq_lm
@@ -198,6 +200,12 @@ def _memory(compiled, device) -> dict[str, Any]:
   return out
 
 
+def _jit(impl: str):
+  """How a step is compiled: as `jreg.train` compiles it (`jreg.xla_cpu.jit`)
+  for the current path, with XLA's defaults for the old path ('xla')."""
+  return xla_cpu.jit if impl == 'custom' else jax.jit
+
+
 class _Compiled:
   """One case's training step, compiled (under a `jreg.layers` implementation)."""
 
@@ -206,8 +214,8 @@ class _Compiled:
     self.case = case
     with layers.implementation(impl):
       self.state = train.init_state(jax.jit(case.init_fn), optimizer, seed=0)
-      update = jax.jit(train.make_update(case.grad_fn, optimizer),
-                       donate_argnums=0)
+      update = _jit(impl)(train.make_update(case.grad_fn, optimizer),
+                          donate_argnums=0)
       self.batch = jax.device_put(case.batch)
       start = time.perf_counter()
       self.compiled = update.lower(self.state, self.batch).compile()
@@ -253,8 +261,8 @@ def memory_against_nfe(name: str, budgets, impl: str = 'custom') -> dict:
       case = builder(nfe)
       optimizer = optax.adam(1e-3)
       state = train.init_state(jax.jit(case.init_fn), optimizer, seed=0)
-      update = jax.jit(train.make_update(case.grad_fn, optimizer),
-                       donate_argnums=0)
+      update = _jit(impl)(train.make_update(case.grad_fn, optimizer),
+                          donate_argnums=0)
       compiled = update.lower(state, jax.device_put(case.batch)).compile()
     out[str(nfe)] = _memory(compiled, jax.devices()[0])
   return out

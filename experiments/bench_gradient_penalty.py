@@ -40,6 +40,7 @@ from jreg import data
 from jreg import gradient_regularization as gr
 from jreg import tasks
 from jreg import train
+from jreg import xla_cpu
 from jreg.tasks import igr
 
 
@@ -66,7 +67,7 @@ def bench_width(config: ml_collections.ConfigDict, width: int) -> dict[str, Any]
   steps, states, flops = {}, {}, {}
   for name, grad_fn in variants(config, task.loss_fn).items():
     state = jax.device_put(train.init_state(task.init, optimizer, config.seed))
-    steps[name] = jax.jit(train.make_update(grad_fn, optimizer),
+    steps[name] = xla_cpu.jit(train.make_update(grad_fn, optimizer),
                           donate_argnums=0).lower(state, batch).compile()
     cost = steps[name].cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -43,6 +43,7 @@ from jreg import plotting
 from jreg import rundir
 from jreg import tasks
 from jreg import train
+from jreg import xla_cpu
 from jreg.data import wikitext
 from jreg.tasks import deq_lm
 from jreg.tasks import igr
@@ -149,7 +150,7 @@ def mdeq_accuracy_at_budgets(workdirs: Sequence[str], budgets=None,
   for budget in budgets:
     probe = config.copy_and_resolve_references()
     probe.deq.eval_max_iter = budget
-    predict = jax.jit(mdeq_task.build(probe, image_shape, config.num_steps).predict_fn)
+    predict = xla_cpu.jit(mdeq_task.build(probe, image_shape, config.num_steps).predict_fn)
     for workdir, (params, model_state, _) in restored.items():
       correct, nfe = 0, []
       for batch in data.cifar10_iterator('test', config.eval_batch_size,
@@ -206,7 +207,7 @@ def egr_step_cost(model: str = 'resnet20', batch_size: int = 128,
   for mu in (0.0, coefficient):
     grad_fn = gr.gradient_penalty_grad_fn(task.loss_fn, coefficient=mu,
                                           method='double_backprop')
-    updates[mu] = jax.jit(train.make_update(grad_fn, optimizer))
+    updates[mu] = xla_cpu.jit(train.make_update(grad_fn, optimizer))
     states[mu] = train.init_state(task.init, optimizer, 0)
     states[mu], _ = updates[mu](states[mu], batch)   # compile
     jax.block_until_ready(states[mu])

@@ -59,6 +59,12 @@ in float32: Micikevicius et al., "Mixed Precision Training", ICLR 2018,
 Sec. 3.3; x * gain + bias in low precision would cancel digits when
 |mean| >> std).
 
+`avg_pool` averages non-overlapping windows (stride = window, 'VALID') as a
+reshape and a mean, [B, H, W, C] -> [B, H/k, k, W/k, k, C] -> mean over both
+k axes: the same values as `hk.avg_pool`, whose gradient (the transpose of
+XLA's reduce_window) XLA:CPU runs 50x slower (86 ms against 1.7 ms at
+[64, 32, 32, 48], window 8). Other windows fall back to `hk.avg_pool`.
+
 `spectral_normalize` wraps any Haiku function so that its weight matrices
 and kernels are divided by their largest singular value, estimated by power
 iteration without Haiku state (Miyato et al., ICLR 2018; see below).
@@ -279,6 +285,39 @@ def group_norm(x: jax.Array, groups: int, scale: Optional[jax.Array] = None,
     bias = bias + offset
   out = flat * gain[:, None, :] + bias[:, None, :]
   return out.reshape(x.shape).astype(x.dtype)
+
+
+def avg_pool(x: jax.Array, window: Union[int, Sequence[int]],
+             strides: Union[int, Sequence[int], None] = None,
+             padding: str = 'VALID', impl: Optional[str] = None) -> jax.Array:
+  """Average pooling over the spatial axes of [B, H, W, C], as `hk.avg_pool`.
+
+  out[b, i, j, c] = mean_{0 <= u < k_h, 0 <= v < k_w} x[b, s_h i + u, s_w j + v, c].
+  With strides equal to the window, 'VALID' padding and H, W divisible by
+  it ('custom'), computed as a reshape to [B, H/k_h, k_h, W/k_w, k_w, C] and
+  a mean over the k axes (see the module docstring for why); otherwise, or
+  with impl='xla', `hk.avg_pool(x, window, strides, padding)`.
+
+  Args:
+    x: [B, H, W, C].
+    window: k, or (k_h, k_w).
+    strides: s, (s_h, s_w), or None for the window.
+    padding: 'VALID' or 'SAME'.
+    impl: 'custom', 'xla', or None for `current_implementation()`.
+
+  Returns:
+    [B, H', W', C].
+  """
+  k_h, k_w = (window, window) if isinstance(window, int) else tuple(window)
+  if strides is None:
+    strides = (k_h, k_w)
+  s_h, s_w = (strides, strides) if isinstance(strides, int) else tuple(strides)
+  batch, height, width, channels = x.shape
+  if (_resolve(impl) == 'xla' or (s_h, s_w) != (k_h, k_w) or padding != 'VALID'
+      or height % k_h or width % k_w):
+    return hk.avg_pool(x, (1, k_h, k_w, 1), (1, s_h, s_w, 1), padding)
+  blocks = x.reshape(batch, height // k_h, k_h, width // k_w, k_w, channels)
+  return jnp.mean(blocks, axis=(2, 4))
 
 
 class Conv2D(hk.Module):

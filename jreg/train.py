@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jreg import checkpoint as checkpoint_lib
 from jreg import metrics as metrics_lib
 from jreg import rundir
+from jreg import xla_cpu
 from jreg.errors import UserError
 
 __all__ = (
@@ -191,9 +192,9 @@ class Parallel:
   def compile(self, update: Callable) -> Callable:
     """Compiles `update(state, batch) -> (state, metrics)`, donating the state."""
     if self.mode == 'single':
-      return jax.jit(update, donate_argnums=0)
+      return xla_cpu.jit(update, donate_argnums=0)
     if self.mode == 'sharded':
-      return jax.jit(update, donate_argnums=0,
+      return xla_cpu.jit(update, donate_argnums=0,
                      in_shardings=(self._replicated, self._split),
                      out_shardings=(self._replicated, self._replicated))
     return jax.pmap(update, axis_name=AXIS, donate_argnums=0)

@@ -124,6 +124,30 @@ def test_group_norm_module_matches_haiku():
                              theirs.apply(params, None, x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('window, strides, padding, reshaped', [
+    (4, None, 'VALID', True),        # the reshape-mean path
+    ((3, 2), (3, 2), 'VALID', True),
+    (3, 2, 'VALID', False),          # overlapping windows: hk.avg_pool
+    (5, None, 'VALID', False),       # H not divisible: hk.avg_pool
+    (2, None, 'SAME', False),
+])
+def test_avg_pool_matches_haiku_in_value_and_gradient(window, strides, padding,
+                                                      reshaped):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 12, 8, 3)), jnp.float32)
+  k = (window, window) if isinstance(window, int) else window
+  s = k if strides is None else (
+      (strides, strides) if isinstance(strides, int) else strides)
+  haiku_pool = lambda x: hk.avg_pool(x, (1, *k, 1), (1, *s, 1), padding)
+  ours = lambda x: layers.avg_pool(x, window, strides, padding)
+  np.testing.assert_allclose(ours(x), haiku_pool(x), rtol=1e-6, atol=1e-6)
+  weights = jnp.asarray(rng.normal(size=haiku_pool(x).shape), jnp.float32)
+  grad = lambda fn: jax.grad(lambda x: jnp.sum(weights * fn(x)))(x)
+  np.testing.assert_allclose(grad(ours), grad(haiku_pool), rtol=1e-6, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(ours)(x))
+  assert ('reduce_window' not in jaxpr) == reshaped
+
+
 def test_implementation_context_and_bad_name():
   x = jnp.ones((1, 4, 4, 2))
   w = jnp.ones((3, 3, 2, 2))

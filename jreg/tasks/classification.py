@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jreg import xla_cpu
+
 Classifier = Union[hk.Transformed, hk.TransformedWithState]
 
 
@@ -57,7 +59,7 @@ def cross_entropy_loss(model: Classifier) -> Callable[..., Any]:
 def per_example_metrics(model: Classifier) -> Callable[..., dict[str, jax.Array]]:
   """Compiled `(params, model_state, batch) -> {'accuracy': [B],
   'cross_entropy': [B]}` in evaluation mode, for `jreg.train.evaluate`."""
-  @jax.jit
+  @xla_cpu.jit
   def metrics(params, model_state, batch):
     z, _ = logits(model, params, model_state, None, batch['image'],
                   is_training=False)  # [B, K]

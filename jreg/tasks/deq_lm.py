@@ -38,6 +38,7 @@ from jreg import deq as deq_lib
 from jreg import metrics as metrics_lib
 from jreg import plotting
 from jreg import train as train_lib
+from jreg import xla_cpu
 from jreg.data import wikitext
 from jreg.models import deq_transformer as dtm
 from jreg.tasks import deq as deq_task
@@ -170,7 +171,7 @@ def build(config, vocab_size: int) -> Built:
   transformed = hk.transform_with_state(forward)
   batch, seq_len = config.batch_size, config.data.seq_len
 
-  @jax.jit
+  @xla_cpu.jit
   def init_fn(rng):   # compiled: eager Haiku init would compile op by op
     tokens = jnp.zeros((batch, seq_len), jnp.int32)
     return transformed.init(rng, tokens, tokens, True)
@@ -209,7 +210,7 @@ def build(config, vocab_size: int) -> Built:
     total = -jnp.sum(jnp.where(mask, log_prob, 0.0))
     return total, jnp.sum(mask), state, info
 
-  compiled_eval = jax.jit(eval_apply, static_argnums=3)
+  compiled_eval = xla_cpu.jit(eval_apply, static_argnums=3)
 
   def eval_step(params, state, batch, unrolled=False):
     return compiled_eval(params, state, batch,

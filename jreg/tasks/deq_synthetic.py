@@ -26,6 +26,7 @@ import numpy as np
 from jreg import deq as deq_lib
 from jreg import metrics as metrics_lib
 from jreg import plotting
+from jreg import xla_cpu
 from jreg.tasks import deq as deq_task
 
 SLICE_X = -1.0  # the x of the slice figure
@@ -111,7 +112,7 @@ def per_example_metrics(config):
   budget_only = train_solver._replace(tol=0.0)
   high_limit = train_solver._replace(max_iter=config.probe.max_iter)
 
-  @jax.jit
+  @xla_cpu.jit
   def metrics(params, model_state, batch):
     del model_state
     inner = deq_lib.cell_params(params)

@@ -44,6 +44,7 @@ from jreg import data
 from jreg import gradient_regularization as gr
 from jreg import tasks
 from jreg import train
+from jreg import xla_cpu
 from jreg.errors import UserError
 from jreg.models import count_params
 from jreg.models import mlp as mlp_lib
@@ -65,7 +66,7 @@ def summed_gradient(per_example_loss: Callable[..., jax.Array]) -> Callable[...,
     per_example_loss: `(params, model_state, batch) -> ℓ [B]`, e.g.
       `jreg.tasks.classification.per_example_cross_entropy(model)`.
   """
-  @jax.jit
+  @xla_cpu.jit
   def gradient(params, model_state, batch, mask):
     total = lambda p: jnp.sum(mask * per_example_loss(p, model_state, batch))  # noqa: E731
     return jax.grad(total)(params)

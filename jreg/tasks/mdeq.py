@@ -41,6 +41,7 @@ from jreg import deq as deq_lib
 from jreg import metrics as metrics_lib
 from jreg import plotting
 from jreg import train
+from jreg import xla_cpu
 from jreg.deq import adaptive
 from jreg.models import count_params
 from jreg.models import mdeq
@@ -345,7 +346,7 @@ def make_eval_fn(config, fns: ClassifierFns, probe_fns: ClassifierFns | None,
   """
 
   def per_example(predict):
-    @jax.jit
+    @xla_cpu.jit
     def metrics(params, model_state, batch):
       logits, info = predict(params, model_state, batch['image'])  # [B, K]
       labels = batch['label']
@@ -430,7 +431,7 @@ def train_and_evaluate(config, workdir: str, train_iter,
   logging.info('MDEQ: %d unrolled pre-training steps, then %s to step %d',
                pretrain, config.model.network, num_steps)
   return train.fit(
-      workdir=workdir, init_fn=jax.jit(fns.init_fn), grad_fn=phases,
+      workdir=workdir, init_fn=xla_cpu.jit(fns.init_fn), grad_fn=phases,
       optimizer=optimizer, train_iter=train_iter, num_steps=num_steps,
       seed=config.seed, parallel=config.parallel, eval_fn=eval_fn,
       eval_every=config.eval_every, log_every=config.log_every,

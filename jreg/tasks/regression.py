@@ -15,6 +15,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from jreg import xla_cpu
+
 
 def squared_error_loss(model: hk.Transformed) -> Callable[..., Any]:
   """The training objective for a stateless model `apply(params, x) -> ŷ`.
@@ -34,7 +36,7 @@ def squared_error_loss(model: hk.Transformed) -> Callable[..., Any]:
 def per_example_squared_error(model: hk.Transformed) -> Callable[..., dict]:
   """Compiled `(params, model_state, batch) -> {'mse': e [B]}` for
   `jreg.train.evaluate` (whose mean over examples is the MSE)."""
-  @jax.jit
+  @xla_cpu.jit
   def metrics(params, model_state, batch):
     del model_state
     return {'mse': jnp.sum(jnp.square(model.apply(params, batch['x'])
