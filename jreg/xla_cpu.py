@@ -65,6 +65,38 @@ def compiler_options(backend: Optional[str] = None) -> Optional[dict]:
   return dict(CPU_OPTIONS)
 
 
+class _Jitted:
+  """`jax.jit(fun)` compiled with options at top level, plain when nested.
+
+  JAX refuses `compiler_options` on a jit called inside another trace, so a
+  call whose arguments hold tracers goes to the plain `jax.jit(fun)` (it is
+  inlined into the caller's program, compiled with the caller's options).
+  Everything else (`lower`, `trace`, `eval_shape`, ...) is the top-level
+  function's.
+  """
+
+  def __init__(self, fun: Callable, options: dict, kwargs: dict):
+    self._top = jax.jit(fun, compiler_options=options, **kwargs)
+    self._nested = jax.jit(fun, **kwargs)
+    functools.update_wrapper(self, fun)
+
+  def __call__(self, *args, **kwargs):
+    leaves = jax.tree.leaves((args, kwargs))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+      return self._nested(*args, **kwargs)
+    return self._top(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._top, name)
+
+
 def jit(fun: Callable, **kwargs: Any) -> Callable:
-  """`jax.jit(fun, compiler_options=compiler_options(), **kwargs)`."""
-  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+  """`jax.jit(fun, compiler_options=compiler_options(), **kwargs)`.
+
+  Usable inside another `jax.jit` too (then without options of its own; see
+  `_Jitted`). Without options (GPU, TPU) it is exactly `jax.jit(fun, ...)`.
+  """
+  options = compiler_options()
+  if options is None:
+    return jax.jit(fun, **kwargs)
+  return _Jitted(fun, options, kwargs)

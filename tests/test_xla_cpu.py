@@ -49,6 +49,17 @@ def test_convolutions_leave_ynnpack_on_cpu_with_the_same_values():
                              atol=1e-5)
 
 
+def test_a_compiled_function_can_be_called_inside_another_jit():
+  x, w = _args()
+  ours = xla_cpu.jit(_conv)
+  outer = jax.jit(lambda x, w: 2.0 * ours(x, w))  # options refused when nested
+  np.testing.assert_allclose(outer(x, w), 2.0 * ours(x, w), rtol=1e-5, atol=1e-5)
+  grad = jax.grad(lambda w: jnp.sum(ours(x, w) ** 2))(w)
+  want = jax.grad(lambda w: jnp.sum(_conv(x, w) ** 2))(w)
+  np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-4)
+  assert ours.__name__ == '_conv'
+
+
 def test_no_options_off_cpu():
   assert xla_cpu.compiler_options('gpu') is None
   assert xla_cpu.compiler_options('tpu') is None
