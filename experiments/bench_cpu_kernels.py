@@ -8,7 +8,10 @@ JSON. JAX figures come in two implementations (`jreg.layers`): `xla`
 (autodiff of `lax.conv_general_dilated`, two-pass GroupNorm) and `custom`
 (the convolution's own VJP, one-pass GroupNorm); the `*_in_loop` entries are
 per iteration of a 3-iteration `lax.fori_loop` (where XLA:CPU runs the
-autodiff forms of convolution gradients slowly).
+autodiff forms of convolution gradients slowly). Each is compiled twice: with
+XLA's default options (`jax_custom`, `jax_xla`) and with the options jreg
+compiles its steps with (`jreg.xla_cpu`: convolutions by XLA's Eigen kernels
+rather than YNNPACK; `jax_custom_jreg_options`, `jax_xla_jreg_options`).
 
     python -m experiments.bench_cpu_kernels
 """
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jreg import layers
+from jreg import xla_cpu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_TORCH_PYTHON = pathlib.Path(os.environ.get(
@@ -64,8 +68,12 @@ def _median(fn, *args, n=10):
   return float(np.median(times))
 
 
-def jax_timings(impl):
-  """Per-op medians (s) with `jreg.layers` in implementation `impl`."""
+def jax_timings(impl, compiler_options=None):
+  """Per-op medians (s) with `jreg.layers` in implementation `impl`, each
+  function compiled with `compiler_options`."""
+  def jit(fun):
+    return jax.jit(fun, compiler_options=compiler_options)
+
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(64, 32, 32, 48)), jnp.float32)   # [B, H, W, C]
   w = jnp.asarray(0.1 * rng.normal(size=(3, 3, 48, 64)), jnp.float32)
@@ -82,33 +90,38 @@ def jax_timings(impl):
       return jax.lax.fori_loop(
           0, _LOOP_ITERS, lambda i, acc: acc + grad(x, w, g + acc.mean()),
           jnp.zeros_like(like))
-    return lambda *a: _median(jax.jit(loop), *a, n=3) / _LOOP_ITERS
+    return lambda *a: _median(jit(loop), *a, n=3) / _LOOP_ITERS
 
   return {
-      'conv_forward': _median(jax.jit(conv), x, w),
-      'conv_forward_and_gradients': _median(jax.jit(jax.grad(
+      'conv_forward': _median(jit(conv), x, w),
+      'conv_forward_and_gradients': _median(jit(jax.grad(
           lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))), x, w),
-      'conv_input_gradient': _median(jax.jit(input_grad), x, w, gy),
-      'conv_weight_gradient': _median(jax.jit(weight_grad), x, w, gy),
+      'conv_input_gradient': _median(jit(input_grad), x, w, gy),
+      'conv_weight_gradient': _median(jit(weight_grad), x, w, gy),
       'conv_input_gradient_in_loop': in_loop(input_grad, x)(x, w, gy),
       'conv_weight_gradient_in_loop': in_loop(weight_grad, w)(x, w, gy),
-      'group_norm': _median(jax.jit(norm), z),
-      'group_norm_forward_and_gradient': _median(jax.jit(jax.grad(
+      'group_norm': _median(jit(norm), z),
+      'group_norm_forward_and_gradient': _median(jit(jax.grad(
           lambda z: jnp.sum(norm(z) * z))), z),
   }
 
 
 def main(argv):
   del argv
-  result = {f'jax_{impl}': jax_timings(impl) for impl in ('custom', 'xla')}
+  result = {}
+  for impl in ('custom', 'xla'):
+    result[f'jax_{impl}'] = jax_timings(impl)
+    options = xla_cpu.compiler_options()
+    if options:
+      result[f'jax_{impl}_jreg_options'] = jax_timings(impl, options)
   python = pathlib.Path(flags.FLAGS.torchdeq_python)
   if python.exists():
     out = subprocess.run([str(python), '-c', _TORCH_SCRIPT],
                          capture_output=True, text=True, check=True).stdout
     result['torch'] = json.loads(out)
-    for impl in ('custom', 'xla'):
-      result[f'jax_{impl}_over_torch'] = {
-          k: result[f'jax_{impl}'][k] / v for k, v in result['torch'].items()}
+    for name in [key for key in result if key.startswith('jax_')]:
+      result[f'{name}_over_torch'] = {
+          k: result[name][k] / v for k, v in result['torch'].items()}
   print(json.dumps(result, indent=1))
 
 
