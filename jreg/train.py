@@ -13,6 +13,8 @@
       state replicated; XLA inserts the gradient all-reduce;
     - `pmap`:    `jax.pmap(axis_name='data')`, gradients averaged with
       `lax.pmean` explicitly.
+  `single` and `sharded` compile with `jreg.xla_cpu`'s options (on CPU:
+  convolutions by XLA's multi-threaded kernels).
   The three give the same parameters after the same steps on the same global
   batches (tests/test_train.py).
 * `fit(...)`: the loop — lock the workdir, record or check its configuration,
