@@ -8,7 +8,9 @@ JSON. JAX figures come in two implementations (`jreg.layers`): `xla`
 (autodiff of `lax.conv_general_dilated`, two-pass GroupNorm) and `custom`
 (the convolution's own VJP, one-pass GroupNorm); the `*_in_loop` entries are
 per iteration of a 3-iteration `lax.fori_loop` (where XLA:CPU runs the
-autodiff forms of convolution gradients slowly). Each is compiled twice: with
+autodiff forms of convolution gradients slowly); `avg_pool_8x8_gradient` is
+the gradient of `jreg.layers.avg_pool` (a reshape and a mean with `custom`,
+`hk.avg_pool` with `xla`). Each is compiled twice: with
 XLA's default options (`jax_custom`, `jax_xla`) and with the options jreg
 compiles its steps with (`jreg.xla_cpu`: convolutions by XLA's Eigen kernels
 rather than YNNPACK; `jax_custom_jreg_options`, `jax_xla_jreg_options`).
@@ -103,6 +105,8 @@ def jax_timings(impl, compiler_options=None):
       'group_norm': _median(jit(norm), z),
       'group_norm_forward_and_gradient': _median(jit(jax.grad(
           lambda z: jnp.sum(norm(z) * z))), z),
+      'avg_pool_8x8_gradient': _median(jit(jax.grad(
+          lambda x: jnp.sum(layers.avg_pool(x, 8, impl=impl) ** 2))), x),
   }
 
 
