@@ -113,9 +113,9 @@ def jax_timings(impl, compiler_options=None):
 def main(argv):
   del argv
   result = {}
+  options = xla_cpu.compiler_options()
   for impl in ('custom', 'xla'):
     result[f'jax_{impl}'] = jax_timings(impl)
-    options = xla_cpu.compiler_options()
     if options:
       result[f'jax_{impl}_jreg_options'] = jax_timings(impl, options)
   python = pathlib.Path(flags.FLAGS.torchdeq_python)

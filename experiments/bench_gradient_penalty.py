@@ -1,9 +1,10 @@
 r"""Cost of the gradient penalty: penalised vs plain update step of the MNIST MLP.
 
 Times the engine's update step (`jreg.train.make_update`: gradient function +
-optax SGD, compiled once with `jax.jit`, state donated) of the MLP of
-[BD21] Section 5 (`jreg.tasks.igr.mnist_mlp_task`, input 784) plain and with
-each penalty method of `jreg.gradient_regularization`:
+optax SGD, compiled once by `jreg.train.Parallel('single')` as training
+compiles it, state donated) of the MLP of [BD21] Section 5
+(`jreg.tasks.igr.mnist_mlp_task`, input 784) plain and with each penalty
+method of `jreg.gradient_regularization`:
 
   'finite_difference'  ∇L + 2μ(∇L(θ + εĝ) − ∇L(θ))‖g‖/ε: two gradients;
   'hvp'                forward-over-reverse Hessian-vector product;
@@ -40,7 +41,6 @@ from jreg import data
 from jreg import gradient_regularization as gr
 from jreg import tasks
 from jreg import train
-from jreg import xla_cpu
 from jreg.tasks import igr
 
 
@@ -67,8 +67,8 @@ def bench_width(config: ml_collections.ConfigDict, width: int) -> dict[str, Any]
   steps, states, flops = {}, {}, {}
   for name, grad_fn in variants(config, task.loss_fn).items():
     state = jax.device_put(train.init_state(task.init, optimizer, config.seed))
-    steps[name] = xla_cpu.jit(train.make_update(grad_fn, optimizer),
-                          donate_argnums=0).lower(state, batch).compile()
+    steps[name] = train.Parallel('single').compile(
+        train.make_update(grad_fn, optimizer)).lower(state, batch).compile()
     cost = steps[name].cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops[name] = float(cost.get('flops', float('nan')))  # XLA's count

@@ -207,7 +207,8 @@ def egr_step_cost(model: str = 'resnet20', batch_size: int = 128,
   for mu in (0.0, coefficient):
     grad_fn = gr.gradient_penalty_grad_fn(task.loss_fn, coefficient=mu,
                                           method='double_backprop')
-    updates[mu] = xla_cpu.jit(train.make_update(grad_fn, optimizer))
+    updates[mu] = train.Parallel('single').compile(
+        train.make_update(grad_fn, optimizer))   # as training compiles it
     states[mu] = train.init_state(task.init, optimizer, 0)
     states[mu], _ = updates[mu](states[mu], batch)   # compile
     jax.block_until_ready(states[mu])
