@@ -1,9 +1,16 @@
 """Batched fixed-point solvers: fixed-point iteration, Anderson, Broyden.
 
 Every solver finds z* with z* = f(z*) for a batch of independent problems. The
-state z is any pytree whose leaves share a leading batch axis B; internally it
-is flattened to one matrix `[B, D]` (D = total features per example) and the
-solver works on rows.
+state z is any pytree whose leaves share a leading batch axis B. The built-in
+solvers work on one array of rows per example, `[B, N, C]` (`flatten_rows`):
+C is the state's last axis (channels, features) when every leaf ends in the
+same C, else the whole example (N = 1, C = D, the total features). Keeping
+the channel axis innermost matters on CPU: XLA fuses the cell's last
+elementwise ops (a normalisation's per-channel scale and shift) into the
+solver's updates, and over a flat `[B, D]` view it must recover the channel
+of every element by division, which made those fused updates about 3x
+slower (BUILD_NOTES.md, DEQ training speed). `flatten_batch` gives the flat
+`[B, D]` matrix of the public helpers and of user solvers.
 
 Residuals are measured per example at every evaluated point z:
 
@@ -40,6 +47,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 from jax import lax
 
 PyTree = Any
@@ -121,13 +129,8 @@ class SolverConfig(NamedTuple):
 def flatten_batch(tree: PyTree):
   """Flattens a pytree of [B, ...] leaves into [B, D]; returns (flat, unflatten)."""
   leaves, treedef = jax.tree.flatten(tree)
-  if not leaves:
-    raise ValueError('The fixed-point state z has no array leaves.')
+  _check_leaves(leaves)
   batch = leaves[0].shape[0]
-  for leaf in leaves:
-    if leaf.ndim == 0 or leaf.shape[0] != batch:
-      raise ValueError('Every leaf of the fixed-point state must have the same '
-                       f'leading batch axis; got shapes {[l.shape for l in leaves]}.')
   shapes = [l.shape for l in leaves]
   dtypes = [l.dtype for l in leaves]
   sizes = [int(l.size // batch) for l in leaves]
@@ -145,21 +148,80 @@ def flatten_batch(tree: PyTree):
   return flat, unflatten
 
 
+def flatten_rows(tree: PyTree):
+  """Flattens a pytree of [B, ...] leaves into rows [B, N, C]; (rows, unflatten).
+
+  If every leaf has ndim >= 2 and they share the last dimension C, the leaves
+  are reshaped to [B, N_i, C] and concatenated along N; otherwise the rows
+  are the flat examples, [B, 1, D]. Either way `rows.reshape(B, -1)` equals
+  `flatten_batch(tree)[0]` (row-major order is the same), and for one leaf
+  both are reshapes of it, not copies.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  _check_leaves(leaves)
+  batch = leaves[0].shape[0]
+  shapes = [l.shape for l in leaves]
+  dtypes = [l.dtype for l in leaves]
+  dtype = jnp.result_type(*dtypes)
+  channels = {l.shape[-1] for l in leaves if l.ndim >= 2}
+  if len(channels) == 1 and all(l.ndim >= 2 for l in leaves):
+    (c,) = channels
+    axis = 1                                          # concatenate along N
+    parts = [l.reshape(batch, -1, c) for l in leaves]
+  else:
+    axis = 2                                          # [B, 1, D]
+    parts = [l.reshape(batch, 1, -1) for l in leaves]
+  sizes = [p.shape[axis] for p in parts]
+  rows = jnp.concatenate([p.astype(dtype) for p in parts], axis=axis)
+
+  def unflatten(rows_z):
+    out, start = [], 0
+    for shape, dt, size in zip(shapes, dtypes, sizes):
+      part = lax.slice_in_dim(rows_z, start, start + size, axis=axis)
+      out.append(part.reshape(shape).astype(dt))
+      start += size
+    return jax.tree.unflatten(treedef, out)
+
+  return rows, unflatten
+
+
+
+def _check_leaves(leaves):
+  if not leaves:
+    raise ValueError('The fixed-point state z has no array leaves.')
+  batch = leaves[0].shape[0] if leaves[0].ndim else None
+  for leaf in leaves:
+    if leaf.ndim == 0 or leaf.shape[0] != batch:
+      raise ValueError('Every leaf of the fixed-point state must have the same '
+                       f'leading batch axis; got shapes {[l.shape for l in leaves]}.')
+
+
+def _features(x):
+  """The non-batch axes of x: what a per-example sum runs over."""
+  return tuple(range(1, x.ndim))
+
+
+def _per_example(v, like):
+  """v [B] reshaped to broadcast against `like` [B, ...]."""
+  return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+
 def _accumulation_dtype(dtype):
   """float32 for low-precision states, else the state's own float type."""
   return jnp.promote_types(dtype, jnp.float32)
 
 
 def _residuals(fz, z):
-  """Per-example abs and rel residuals of rows: [B] each."""
+  """Per-example abs and rel residuals of rows ([B, ...]): [B] each."""
   acc = _accumulation_dtype(fz.dtype)
-  abs_res = jnp.linalg.norm((fz - z).astype(acc), axis=-1)
-  rel_res = abs_res / (jnp.linalg.norm(fz.astype(acc), axis=-1) + _EPS)
+  norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), _features(x)))
+  abs_res = norm(fz - z)
+  rel_res = abs_res / (norm(fz) + _EPS)
   return abs_res, rel_res
 
 
 class _Best(NamedTuple):
-  z: jax.Array        # [B, D] lowest-residual point so far
+  z: jax.Array        # [B, N, C] lowest-residual point so far
   abs_res: jax.Array  # [B]
   rel_res: jax.Array  # [B]
 
@@ -171,7 +233,7 @@ def _update_best(best: _Best, z, fz, stop_mode) -> _Best:
   else:
     new, old = rel_res, best.rel_res
   better = new < old  # [B]; NaN residuals never replace a finite best
-  return _Best(jnp.where(better[:, None], z, best.z),
+  return _Best(jnp.where(_per_example(better, z), z, best.z),
                jnp.where(better, abs_res, best.abs_res),
                jnp.where(better, rel_res, best.rel_res))
 
@@ -248,7 +310,7 @@ class _Recorder:
       raise ValueError(f'recorded evaluation counts must lie in [1, max_iter='
                        f'{max_iter}]; got {record}.')
     self.record = tuple(int(k) for k in record)
-    self.buffer = jnp.zeros((len(record),) + z.shape, z.dtype)  # [n, B, D]
+    self.buffer = jnp.zeros((len(record),) + z.shape, z.dtype)  # [n, B, ...]
 
   def write(self, k, best):
     if isinstance(k, int):  # unrolled loop: the count is static
@@ -257,11 +319,13 @@ class _Recorder:
           self.buffer = self.buffer.at[j].set(best.z)
     else:
       hit = jnp.asarray(self.record, jnp.int32) == k  # [n]
-      self.buffer = jnp.where(hit[:, None, None], best.z[None], self.buffer)
+      self.buffer = jnp.where(_per_example(hit, self.buffer), best.z[None],
+                              self.buffer)
 
   def finish(self, nfe, best):
     unreached = jnp.asarray(self.record, jnp.int32) > nfe  # [n]
-    return jnp.where(unreached[:, None, None], best.z[None], self.buffer)
+    return jnp.where(_per_example(unreached, self.buffer), best.z[None],
+                     self.buffer)
 
 
 def _check(max_iter, stop_mode):
@@ -298,8 +362,8 @@ def fixed_point_iteration(f: Callable[[PyTree], PyTree], z0: PyTree, *,
     `record`, (z, SolverStats, recorded states).
   """
   _check(max_iter, stop_mode)
-  flat0, unflatten = flatten_batch(z0)
-  ff = lambda z: flatten_batch(f(unflatten(z)))[0]
+  flat0, unflatten = flatten_rows(z0)
+  ff = lambda z: flatten_rows(f(unflatten(z)))[0]
 
   def init():
     fz = ff(flat0)
@@ -326,8 +390,8 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
 
     min_alpha ||sum_i alpha_i G_i||^2 + lambda ||alpha||^2  s.t. sum_i alpha_i = 1
 
-  via the bordered system [[0, 1^T], [1, G G^T + lambda I]] [nu; alpha] = [1; 0],
-  then z_{k+1} = beta sum_i alpha_i f(z_i) + (1 - beta) sum_i alpha_i z_i
+  via the bordered system [[0, 1^T], [1, G G^T + lambda I]] [nu; alpha] = [1; 0]
+  (solved in closed form, `_anderson_weights`), then z_{k+1} = beta sum_i alpha_i f(z_i) + (1 - beta) sum_i alpha_i z_i
   (Walker & Ni, 2011; Bai et al., 2019, DEQ). Unfilled history slots are
   masked out of the system (their alpha is exactly 0), so the first step is a
   damped fixed-point step and the solve is fixed-size and jit-able.
@@ -355,9 +419,9 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
   _check(max_iter, stop_mode)
   if history < 1 or not ridge > 0:
     raise ValueError('Anderson needs history >= 1 and ridge > 0.')
-  flat0, unflatten = flatten_batch(z0)
-  ff = lambda z: flatten_batch(f(unflatten(z)))[0]
-  batch, dim = flat0.shape
+  flat0, unflatten = flatten_rows(z0)
+  ff = lambda z: flatten_rows(f(unflatten(z)))[0]
+  batch, features = flat0.shape[0], flat0.shape[1:]   # [N, C]
   m = history
   acc = _accumulation_dtype(flat0.dtype)  # dtype of the small m x m system
 
@@ -365,47 +429,65 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     fz = ff(flat0)
     z_init = flat0
     g = fz - z_init
-    zeros = jnp.zeros((batch, m, dim), z_init.dtype)
-    fs = zeros.at[:, 0].set(fz)                                      # [B, m, D]
-    gs = zeros.at[:, 0].set(g)                                       # [B, m, D]
+    zeros = jnp.zeros((batch, m) + features, z_init.dtype)
+    fs = zeros.at[:, 0].set(fz)                                   # [B, m, N, C]
+    gs = zeros.at[:, 0].set(g)                                    # [B, m, N, C]
     g32 = g.astype(acc)
     gram = jnp.zeros((batch, m, m), acc).at[:, 0, 0].set(
-        jnp.sum(g32 * g32, axis=-1))                                 # [B, m, m]
+        jnp.sum(g32 * g32, axis=_features(g32)))                    # [B, m, m]
     return (fs, gs, gram, jnp.asarray(1, jnp.int32)), _init_best(z_init, fz), 1
 
   def step(carry, best):
     fs, gs, gram, k = carry
     valid = (jnp.arange(m) < jnp.minimum(k, m)).astype(acc)  # [m]
-    system = jnp.zeros((batch, m + 1, m + 1), acc)
-    system = system.at[:, 0, 1:].set(valid).at[:, 1:, 0].set(valid)
     if ridge_relative:
       diag = jnp.diagonal(gram, axis1=1, axis2=2)                      # [B, m]
       scale = jnp.sum(diag * valid, -1) / jnp.sum(valid) + 1e-30       # [B]
       regulariser = ridge * scale[:, None, None] * jnp.eye(m)
     else:
       regulariser = ridge * jnp.eye(m)
-    system = system.at[:, 1:, 1:].set(gram + regulariser)
-    rhs = jnp.zeros((batch, m + 1), acc).at[:, 0].set(1.0)
-    alpha = jnp.linalg.solve(system, rhs[..., None])[:, 1:, 0]         # [B, m]
-    alpha = alpha.astype(flat0.dtype)
+    alpha = _anderson_weights(gram + regulariser, valid).astype(flat0.dtype)
     # sum_i alpha_i z_i = sum_i alpha_i (f(z_i) - G_i), so only F and G are kept.
-    z = jnp.einsum('bi,bid->bd', alpha, fs)
+    z = jnp.einsum('bi,bi...->b...', alpha, fs)
     if damping != 1.0:
-      z = z - (1.0 - damping) * jnp.einsum('bi,bid->bd', alpha, gs)
+      z = z - (1.0 - damping) * jnp.einsum('bi,bi...->b...', alpha, gs)
     fz = ff(z)
     g = fz - z
     slot = k % m
+    # Only the new row/column of the Gram matrix G G^T changes: <G_i, g>
+    # against the history before the update (so that XLA reads the history
+    # once and then updates it in place, measured: two fewer copies of G per
+    # iteration), and <g, g> in the slot that g replaces.
+    g32 = g.astype(acc)
+    row = jnp.einsum('bi...,b...->bi', gs.astype(acc), g32)          # [B, m]
+    row = lax.dynamic_update_index_in_dim(
+        row, jnp.sum(g32 * g32, axis=_features(g32))[:, None], slot, axis=1)
     fs = lax.dynamic_update_index_in_dim(fs, fz, slot, axis=1)
     gs = lax.dynamic_update_index_in_dim(gs, g, slot, axis=1)
-    # Only the new row/column of the Gram matrix G G^T changes.
-    row = jnp.einsum('bid,bd->bi', gs.astype(acc),
-                     g.astype(acc))                            # [B, m]
     gram = lax.dynamic_update_index_in_dim(gram, row[:, None, :], slot, axis=1)
     gram = lax.dynamic_update_index_in_dim(gram, row[:, :, None], slot, axis=2)
     return (fs, gs, gram, k + 1), _update_best(best, z, fz, stop_mode)
 
   out = _run(init, step, max_iter, tol, stop_mode, unroll, record)
   return _unflatten_outputs(out, unflatten)
+
+
+def _anderson_weights(h, valid):
+  """Anderson's mixing weights: alpha = H^-1 v / (v^T H^-1 v).
+
+  The minimiser of alpha^T H alpha subject to v^T alpha = 1, for the
+  regularised Gram matrix H = G G^T + lambda I ([B, m, m], symmetric positive
+  definite) and the mask v of filled history slots ([m]): the solution of the
+  bordered system [[0, v^T], [v, H]] [nu; alpha] = [1; 0] of locuslab/deq,
+  in closed form. Unfilled slots have zero rows in G G^T, so their weight
+  is exactly 0. Solved by Cholesky: on CPU a general solve pivots in a loop
+  of small XLA ops, which cost a third of the toy DEQ's training step
+  (BUILD_NOTES.md, DEQ training speed).
+  """
+  v = jnp.broadcast_to(valid, h.shape[:-1])                           # [B, m]
+  chol = jnp.linalg.cholesky(h)
+  weights = jax.scipy.linalg.cho_solve((chol, True), v[..., None])[..., 0]
+  return weights / jnp.sum(weights * v, -1, keepdims=True)
 
 
 def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
@@ -434,25 +516,27 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     (z, SolverStats), and the recorded states with `record`.
   """
   _check(max_iter, stop_mode)
-  flat0, unflatten = flatten_batch(z0)
-  ff = lambda z: flatten_batch(f(unflatten(z)))[0]
-  batch, dim = flat0.shape
+  flat0, unflatten = flatten_rows(z0)
+  ff = lambda z: flatten_rows(f(unflatten(z)))[0]
+  batch, features = flat0.shape[0], flat0.shape[1:]   # [N, C]
   r = max_iter if rank is None else rank
   if r < 1:
     raise ValueError(f'Broyden rank must be >= 1, got {r}.')
 
-  def matvec(us, vs, x):   # B x = -x + sum_i u_i (v_i . x); x [B, D]
-    return -x + jnp.einsum('bid,bi->bd', us, jnp.einsum('bid,bd->bi', vs, x))
+  def matvec(us, vs, x):   # B x = -x + sum_i u_i (v_i . x); x [B, N, C]
+    return -x + jnp.einsum('bi...,bi->b...', us,
+                           jnp.einsum('bi...,b...->bi', vs, x))
 
   def rmatvec(us, vs, x):  # x^T B = -x + sum_i (x . u_i) v_i
-    return -x + jnp.einsum('bid,bi->bd', vs, jnp.einsum('bid,bd->bi', us, x))
+    return -x + jnp.einsum('bi...,bi->b...', vs,
+                           jnp.einsum('bi...,b...->bi', us, x))
 
   def init():
     fz = ff(flat0)
     z_init = flat0
     gz = fz - z_init
-    us = jnp.zeros((batch, r, dim), z_init.dtype)  # [B, r, D]
-    vs = jnp.zeros((batch, r, dim), z_init.dtype)  # [B, r, D]
+    us = jnp.zeros((batch, r) + features, z_init.dtype)  # [B, r, N, C]
+    vs = jnp.zeros((batch, r) + features, z_init.dtype)  # [B, r, N, C]
     carry = (z_init, gz, us, vs, gz, jnp.asarray(0, jnp.int32))
     return carry, _init_best(z_init, fz), 1
 
@@ -463,7 +547,8 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     gz_new = fz - z_new
     dz, dg = update, gz_new - gz
     v = rmatvec(us, vs, dz)
-    u = (dz - matvec(us, vs, dg)) / jnp.sum(v * dg, axis=-1, keepdims=True)
+    u = (dz - matvec(us, vs, dg)) / jnp.sum(v * dg, axis=_features(v),
+                                            keepdims=True)
     v = jnp.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     u = jnp.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
     slot = k % r
