@@ -28,13 +28,12 @@ def test_flatten_rows_keeps_the_channel_axis_and_round_trips():
   np.testing.assert_array_equal(back['a'], tree['a'])
   np.testing.assert_array_equal(back['b'], tree['b'])
 
-  # Different last axes, or a [B] leaf: the flat example as one row.
+  # Different last axes, or a [B] leaf: the flat examples, as flatten_batch.
   for tree in ({'a': image, 'c': jnp.ones((2, 3))}, {'a': image, 'd': jnp.ones(2)}):
     rows, unflatten = solvers.flatten_rows(tree)
     size = sum(leaf.size // 2 for leaf in jax.tree.leaves(tree))
-    assert rows.shape == (2, 1, size)
-    np.testing.assert_array_equal(rows.reshape(2, -1),
-                                  solvers.flatten_batch(tree)[0])
+    assert rows.shape == (2, size)
+    np.testing.assert_array_equal(rows, solvers.flatten_batch(tree)[0])
     jax.tree.map(np.testing.assert_array_equal, unflatten(rows), tree)
 
   with pytest.raises(ValueError, match='same leading batch axis'):
@@ -65,7 +64,7 @@ def test_anderson_weights_solve_the_bordered_system(filled):
 
 @pytest.mark.parametrize('name', ['fixed_point', 'anderson', 'broyden'])
 def test_solvers_give_the_same_iterates_on_images_and_flat_rows(name):
-  """A map on [B, H, W, C] states solved as rows [B, HW, C] and as [B, D]."""
+  """A map on [B, H, W, C] states solved as rows [B, HW, C] and on [B, D]."""
   rng = np.random.RandomState(1)
   shape = (2, 3, 3, 4)
   dim = int(np.prod(shape[1:]))
@@ -75,10 +74,8 @@ def test_solvers_give_the_same_iterates_on_images_and_flat_rows(name):
   image_map = lambda z: flat_map(z.reshape(2, -1)).reshape(shape)
   config = deq.SolverConfig(name=name, max_iter=12, tol=0.0)
   z_image, stats_image = deq.solve(image_map, jnp.zeros(shape), config)
-  # A [B, 1, D] state runs the same solver on one row per example.
-  z_flat, stats_flat = deq.solve(lambda z: flat_map(z[:, 0])[:, None],
-                                 jnp.zeros((2, 1, dim)), config)
-  np.testing.assert_allclose(z_image.reshape(2, -1), z_flat[:, 0],
+  z_flat, stats_flat = deq.solve(flat_map, jnp.zeros((2, dim)), config)
+  np.testing.assert_allclose(z_image.reshape(2, -1), z_flat,
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(stats_image.abs_residual, stats_flat.abs_residual,
                              rtol=1e-4, atol=1e-7)

@@ -1,16 +1,16 @@
 """Batched fixed-point solvers: fixed-point iteration, Anderson, Broyden.
 
 Every solver finds z* with z* = f(z*) for a batch of independent problems. The
-state z is any pytree whose leaves share a leading batch axis B. The built-in
-solvers work on one array of rows per example, `[B, N, C]` (`flatten_rows`):
-C is the state's last axis (channels, features) when every leaf ends in the
-same C, else the whole example (N = 1, C = D, the total features). Keeping
+state z is any pytree whose leaves share a leading batch axis B. Fixed-point
+iteration and Anderson work on one array of rows per example, `[B, N, C]`
+(`flatten_rows`): C is the state's last axis (channels, features) when every
+leaf ends in the same C, else the flat example `[B, D]`. Keeping
 the channel axis innermost matters on CPU: XLA fuses the cell's last
 elementwise ops (a normalisation's per-channel scale and shift) into the
 solver's updates, and over a flat `[B, D]` view it must recover the channel
 of every element by division, which made those fused updates about 3x
-slower (BUILD_NOTES.md, DEQ training speed). `flatten_batch` gives the flat
-`[B, D]` matrix of the public helpers and of user solvers.
+slower (BUILD_NOTES.md, DEQ training speed). Broyden, the public helpers and
+user solvers work on the flat `[B, D]` matrix of `flatten_batch`.
 
 Residuals are measured per example at every evaluated point z:
 
@@ -153,7 +153,9 @@ def flatten_rows(tree: PyTree):
 
   If every leaf has ndim >= 2 and they share the last dimension C, the leaves
   are reshaped to [B, N_i, C] and concatenated along N; otherwise the rows
-  are the flat examples, [B, 1, D]. Either way `rows.reshape(B, -1)` equals
+  are the flat examples, [B, D], as `flatten_batch` gives them (a [B, 1, D]
+  view instead doubled the MDEQ's solver memory: XLA copied Broyden's
+  history to reconcile the two layouts). Either way `rows.reshape(B, -1)` equals
   `flatten_batch(tree)[0]` (row-major order is the same), and for one leaf
   both are reshapes of it, not copies.
   """
@@ -169,8 +171,8 @@ def flatten_rows(tree: PyTree):
     axis = 1                                          # concatenate along N
     parts = [l.reshape(batch, -1, c) for l in leaves]
   else:
-    axis = 2                                          # [B, 1, D]
-    parts = [l.reshape(batch, 1, -1) for l in leaves]
+    axis = 1                                          # [B, D]
+    parts = [l.reshape(batch, -1) for l in leaves]
   sizes = [p.shape[axis] for p in parts]
   rows = jnp.concatenate([p.astype(dtype) for p in parts], axis=axis)
 
@@ -516,14 +518,17 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     (z, SolverStats), and the recorded states with `record`.
   """
   _check(max_iter, stop_mode)
-  flat0, unflatten = flatten_rows(z0)
-  ff = lambda z: flatten_rows(f(unflatten(z)))[0]
-  batch, features = flat0.shape[0], flat0.shape[1:]   # [N, C]
+  # Flat rows: Broyden's work is matvecs with its history (dots), which
+  # XLA:CPU ran 14% slower over [B, N, C] rows in the DEQ-Transformer's
+  # step (BUILD_NOTES.md, "The solvers' layout").
+  flat0, unflatten = flatten_batch(z0)
+  ff = lambda z: flatten_batch(f(unflatten(z)))[0]
+  batch, features = flat0.shape[0], flat0.shape[1:]   # [D]
   r = max_iter if rank is None else rank
   if r < 1:
     raise ValueError(f'Broyden rank must be >= 1, got {r}.')
 
-  def matvec(us, vs, x):   # B x = -x + sum_i u_i (v_i . x); x [B, N, C]
+  def matvec(us, vs, x):   # B x = -x + sum_i u_i (v_i . x); x [B, D]
     return -x + jnp.einsum('bi...,bi->b...', us,
                            jnp.einsum('bi...,b...->bi', vs, x))
 
@@ -535,8 +540,8 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     fz = ff(flat0)
     z_init = flat0
     gz = fz - z_init
-    us = jnp.zeros((batch, r) + features, z_init.dtype)  # [B, r, N, C]
-    vs = jnp.zeros((batch, r) + features, z_init.dtype)  # [B, r, N, C]
+    us = jnp.zeros((batch, r) + features, z_init.dtype)  # [B, r, D]
+    vs = jnp.zeros((batch, r) + features, z_init.dtype)  # [B, r, D]
     carry = (z_init, gz, us, vs, gz, jnp.asarray(0, jnp.int32))
     return carry, _init_best(z_init, fz), 1
 
@@ -566,7 +571,7 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
 
 
 def residuals(fz: jax.Array, z: jax.Array):
-  """Per-example residuals of rows z, fz = f(z) ([B, D]): (abs [B], rel [B]).
+  """Per-example residuals of rows z, fz = f(z) ([B, D] or [B, ...]): (abs, rel) [B].
 
   abs = ||f(z) - z||_2,  rel = ||f(z) - z||_2 / (||f(z)||_2 + 1e-8), computed
   in float32 for low-precision states (module docstring).
@@ -576,7 +581,7 @@ def residuals(fz: jax.Array, z: jax.Array):
 
 def point_stats(z: jax.Array, fz: jax.Array, nfe, tol: float,
                 stop_mode: str) -> SolverStats:
-  """`SolverStats` of a returned point z ([B, D]) at which f was evaluated.
+  """`SolverStats` of a returned point z ([B, D] or [B, ...]), f evaluated at it.
 
   Args:
     z: the returned rows.
