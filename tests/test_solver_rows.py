@@ -64,19 +64,25 @@ def test_anderson_weights_solve_the_bordered_system(filled):
 
 @pytest.mark.parametrize('name', ['fixed_point', 'anderson', 'broyden'])
 def test_solvers_give_the_same_iterates_on_images_and_flat_rows(name):
-  """A map on [B, H, W, C] states solved as rows [B, HW, C] and on [B, D]."""
+  """A map on [B, H, W, C] states solved as rows [B, HW, C] and on [B, D].
+
+  In float64, so that only the order of summation differs between the two.
+  """
   rng = np.random.RandomState(1)
   shape = (2, 3, 3, 4)
   dim = int(np.prod(shape[1:]))
-  a = jnp.asarray(0.6 * np.linalg.qr(rng.randn(dim, dim))[0], jnp.float32)
-  bias = jnp.asarray(rng.randn(2, dim), jnp.float32)
-  flat_map = lambda z: jnp.tanh(z @ a.T + bias)                 # z: [B, D]
-  image_map = lambda z: flat_map(z.reshape(2, -1)).reshape(shape)
-  config = deq.SolverConfig(name=name, max_iter=12, tol=0.0)
-  z_image, stats_image = deq.solve(image_map, jnp.zeros(shape), config)
-  z_flat, stats_flat = deq.solve(flat_map, jnp.zeros((2, dim)), config)
-  np.testing.assert_allclose(z_image.reshape(2, -1), z_flat,
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(stats_image.abs_residual, stats_flat.abs_residual,
-                             rtol=1e-4, atol=1e-7)
-  assert int(stats_image.nfe) == int(stats_flat.nfe) == 12
+  with jax.enable_x64(True):
+    a = jnp.asarray(0.6 * np.linalg.qr(rng.randn(dim, dim))[0])
+    bias = jnp.asarray(rng.randn(2, dim))
+    flat_map = lambda z: jnp.tanh(z @ a.T + bias)               # z: [B, D]
+    image_map = lambda z: flat_map(z.reshape(2, -1)).reshape(shape)
+    config = deq.SolverConfig(name=name, max_iter=12, tol=0.0)
+    z_image, stats_image = deq.solve(image_map, jnp.zeros(shape), config)
+    z_flat, stats_flat = deq.solve(flat_map, jnp.zeros((2, dim)), config)
+    assert z_image.dtype == jnp.float64
+    np.testing.assert_allclose(z_image.reshape(2, -1), z_flat,
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stats_image.abs_residual,
+                               stats_flat.abs_residual, rtol=1e-8, atol=1e-14)
+    assert float(stats_flat.abs_residual.max()) < 1e-2     # a real solve
+    assert int(stats_image.nfe) == int(stats_flat.nfe) == 12
