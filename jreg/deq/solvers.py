@@ -128,24 +128,7 @@ class SolverConfig(NamedTuple):
 
 def flatten_batch(tree: PyTree):
   """Flattens a pytree of [B, ...] leaves into [B, D]; returns (flat, unflatten)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  _check_leaves(leaves)
-  batch = leaves[0].shape[0]
-  shapes = [l.shape for l in leaves]
-  dtypes = [l.dtype for l in leaves]
-  sizes = [int(l.size // batch) for l in leaves]
-  dtype = jnp.result_type(*dtypes)
-  flat = jnp.concatenate([l.reshape(batch, -1).astype(dtype) for l in leaves],
-                         axis=1)  # [B, D]
-
-  def unflatten(flat_z):
-    out, start = [], 0
-    for shape, dt, size in zip(shapes, dtypes, sizes):
-      out.append(flat_z[:, start:start + size].reshape(shape).astype(dt))
-      start += size
-    return jax.tree.unflatten(treedef, out)
-
-  return flat, unflatten
+  return _flatten(tree, rows_of=None)
 
 
 def flatten_rows(tree: PyTree):
@@ -155,40 +138,20 @@ def flatten_rows(tree: PyTree):
   are reshaped to [B, N_i, C] and concatenated along N; otherwise the rows
   are the flat examples, [B, D], as `flatten_batch` gives them (a [B, 1, D]
   view instead doubled the MDEQ's solver memory: XLA copied Broyden's
-  history to reconcile the two layouts). Either way `rows.reshape(B, -1)` equals
-  `flatten_batch(tree)[0]` (row-major order is the same), and for one leaf
-  both are reshapes of it, not copies.
+  history to reconcile the two layouts). Either way `rows.reshape(B, -1)`
+  equals `flatten_batch(tree)[0]` (row-major order is the same), and for one
+  leaf both are reshapes of it, not copies.
   """
-  leaves, treedef = jax.tree.flatten(tree)
-  _check_leaves(leaves)
-  batch = leaves[0].shape[0]
-  shapes = [l.shape for l in leaves]
-  dtypes = [l.dtype for l in leaves]
-  dtype = jnp.result_type(*dtypes)
+  leaves = jax.tree.leaves(tree)
   channels = {l.shape[-1] for l in leaves if l.ndim >= 2}
-  if len(channels) == 1 and all(l.ndim >= 2 for l in leaves):
-    (c,) = channels
-    axis = 1                                          # concatenate along N
-    parts = [l.reshape(batch, -1, c) for l in leaves]
-  else:
-    axis = 1                                          # [B, D]
-    parts = [l.reshape(batch, -1) for l in leaves]
-  sizes = [p.shape[axis] for p in parts]
-  rows = jnp.concatenate([p.astype(dtype) for p in parts], axis=axis)
-
-  def unflatten(rows_z):
-    out, start = [], 0
-    for shape, dt, size in zip(shapes, dtypes, sizes):
-      part = lax.slice_in_dim(rows_z, start, start + size, axis=axis)
-      out.append(part.reshape(shape).astype(dt))
-      start += size
-    return jax.tree.unflatten(treedef, out)
-
-  return rows, unflatten
+  shared = len(channels) == 1 and all(l.ndim >= 2 for l in leaves)
+  return _flatten(tree, rows_of=channels.pop() if shared else None)
 
 
-
-def _check_leaves(leaves):
+def _flatten(tree: PyTree, rows_of: Optional[int]):
+  """Leaves reshaped to [B, -1] (rows_of None) or [B, -1, rows_of] and
+  concatenated along axis 1, in the promoted dtype; (array, unflatten)."""
+  leaves, treedef = jax.tree.flatten(tree)
   if not leaves:
     raise ValueError('The fixed-point state z has no array leaves.')
   batch = leaves[0].shape[0] if leaves[0].ndim else None
@@ -196,6 +159,22 @@ def _check_leaves(leaves):
     if leaf.ndim == 0 or leaf.shape[0] != batch:
       raise ValueError('Every leaf of the fixed-point state must have the same '
                        f'leading batch axis; got shapes {[l.shape for l in leaves]}.')
+  row = () if rows_of is None else (rows_of,)
+  shapes = [l.shape for l in leaves]
+  dtypes = [l.dtype for l in leaves]
+  dtype = jnp.result_type(*dtypes)
+  parts = [l.reshape((batch, -1) + row).astype(dtype) for l in leaves]
+  sizes = [p.shape[1] for p in parts]
+  flat = jnp.concatenate(parts, axis=1)
+
+  def unflatten(flat_z):
+    out, start = [], 0
+    for shape, dt, size in zip(shapes, dtypes, sizes):
+      out.append(flat_z[:, start:start + size].reshape(shape).astype(dt))
+      start += size
+    return jax.tree.unflatten(treedef, out)
+
+  return flat, unflatten
 
 
 def _features(x):
@@ -393,7 +372,8 @@ def anderson(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     min_alpha ||sum_i alpha_i G_i||^2 + lambda ||alpha||^2  s.t. sum_i alpha_i = 1
 
   via the bordered system [[0, 1^T], [1, G G^T + lambda I]] [nu; alpha] = [1; 0]
-  (solved in closed form, `_anderson_weights`), then z_{k+1} = beta sum_i alpha_i f(z_i) + (1 - beta) sum_i alpha_i z_i
+  (solved in closed form, `_anderson_weights`), then
+  z_{k+1} = beta sum_i alpha_i f(z_i) + (1 - beta) sum_i alpha_i z_i
   (Walker & Ni, 2011; Bai et al., 2019, DEQ). Unfilled history slots are
   masked out of the system (their alpha is exactly 0), so the first step is a
   damped fixed-point step and the solve is fixed-size and jit-able.
@@ -523,25 +503,23 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
   # step (BUILD_NOTES.md, "The solvers' layout").
   flat0, unflatten = flatten_batch(z0)
   ff = lambda z: flatten_batch(f(unflatten(z)))[0]
-  batch, features = flat0.shape[0], flat0.shape[1:]   # [D]
+  batch, dim = flat0.shape
   r = max_iter if rank is None else rank
   if r < 1:
     raise ValueError(f'Broyden rank must be >= 1, got {r}.')
 
   def matvec(us, vs, x):   # B x = -x + sum_i u_i (v_i . x); x [B, D]
-    return -x + jnp.einsum('bi...,bi->b...', us,
-                           jnp.einsum('bi...,b...->bi', vs, x))
+    return -x + jnp.einsum('bid,bi->bd', us, jnp.einsum('bid,bd->bi', vs, x))
 
   def rmatvec(us, vs, x):  # x^T B = -x + sum_i (x . u_i) v_i
-    return -x + jnp.einsum('bi...,bi->b...', vs,
-                           jnp.einsum('bi...,b...->bi', us, x))
+    return -x + jnp.einsum('bid,bi->bd', vs, jnp.einsum('bid,bd->bi', us, x))
 
   def init():
     fz = ff(flat0)
     z_init = flat0
     gz = fz - z_init
-    us = jnp.zeros((batch, r) + features, z_init.dtype)  # [B, r, D]
-    vs = jnp.zeros((batch, r) + features, z_init.dtype)  # [B, r, D]
+    us = jnp.zeros((batch, r, dim), z_init.dtype)  # [B, r, D]
+    vs = jnp.zeros((batch, r, dim), z_init.dtype)  # [B, r, D]
     carry = (z_init, gz, us, vs, gz, jnp.asarray(0, jnp.int32))
     return carry, _init_best(z_init, fz), 1
 
@@ -552,8 +530,7 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
     gz_new = fz - z_new
     dz, dg = update, gz_new - gz
     v = rmatvec(us, vs, dz)
-    u = (dz - matvec(us, vs, dg)) / jnp.sum(v * dg, axis=_features(v),
-                                            keepdims=True)
+    u = (dz - matvec(us, vs, dg)) / jnp.sum(v * dg, axis=-1, keepdims=True)
     v = jnp.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     u = jnp.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
     slot = k % r
@@ -571,7 +548,7 @@ def broyden(f: Callable[[PyTree], PyTree], z0: PyTree, *, max_iter: int = 30,
 
 
 def residuals(fz: jax.Array, z: jax.Array):
-  """Per-example residuals of rows z, fz = f(z) ([B, D] or [B, ...]): (abs, rel) [B].
+  """Per-example residuals of rows z, fz = f(z) ([B, ...]): (abs, rel) [B].
 
   abs = ||f(z) - z||_2,  rel = ||f(z) - z||_2 / (||f(z)||_2 + 1e-8), computed
   in float32 for low-precision states (module docstring).
