@@ -40,7 +40,8 @@ from jreg.tasks import runs as runs_lib
 
 def train_run(config: ml_collections.ConfigDict, arrays, workdir: str) -> list[dict]:
   """Trains (or resumes, or reads back) one ResNet; returns its whole history."""
-  task = igr.cifar_resnet_task(config.model.name)
+  task = igr.cifar_resnet_task(config.model.name, igr.conv_implementation(
+      config.regularizer.coefficient, config.regularizer.method))
   optimizer, schedule = optimizers.make_optimizer(
       config.learning_rate, config.optimizer, config.num_steps)
   grad_fn = gr.gradient_penalty_grad_fn(

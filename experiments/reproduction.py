@@ -197,14 +197,16 @@ def wt2_perplexity_at_budgets(workdirs: Sequence[str], budgets=None,
 def egr_step_cost(model: str = 'resnet20', batch_size: int = 128,
                   coefficient: float = 0.01, steps: int = 3) -> dict[str, Any]:
   """Seconds per SGD step of a CIFAR ResNet, plain and with the exact EGR
-  penalty (double backprop), interleaved in one process; median of `steps`."""
-  task = igr.cifar_resnet_task(model)
+  penalty (double backprop), each as `experiments/egr_cifar10.py` trains it,
+  interleaved in one process; median of `steps`."""
   optimizer = optax.sgd(0.1, momentum=0.9)
   images = np.random.default_rng(0).normal(size=(batch_size, 32, 32, 3))
   batch = {'image': images.astype(np.float32),
            'label': np.arange(batch_size, dtype=np.int32) % 10}
   updates, states = {}, {}
   for mu in (0.0, coefficient):
+    task = igr.cifar_resnet_task(
+        model, igr.conv_implementation(mu, 'double_backprop'))
     grad_fn = gr.gradient_penalty_grad_fn(task.loss_fn, coefficient=mu,
                                           method='double_backprop')
     updates[mu] = train.Parallel('single').compile(
@@ -411,6 +413,7 @@ def synthetic_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
             spectral_radius=[row['spectral_radius'] for row in rows])
         for g, rows in sorted(table.items())})
   plot_synthetic(readings, os.path.join(figures, 'repro_synthetic.png'))
+  copy_synthetic_surfaces(runs, figures)
 
   def fitted(folder):  # runs within 2x the noise floor
     cells = readings[folder]['by_gamma'].values()
@@ -720,27 +723,48 @@ def plot_mnist_grid(rows, widths, rates, path):
 
 
 def plot_synthetic(readings, path):
-  with plotting.figure(path, ncols=2, size=(5.2, 3.8)) as (fig, axes):
+  """Validation MSE, NFE to tolerance and rho(J_f(z*)) per gamma and reading."""
+  panels = (('validation_mse', 'validation MSE', 'Fit per reading (3 seeds)'),
+            ('nfe_to_tolerance', 'NFE to tolerance (validation)',
+             'Forward NFE to tolerance'),
+            ('spectral_radius', 'rho(J_f(z*)) (validation)',
+             'Flatness at the fixed point'))
+  with plotting.figure(path, ncols=len(panels), size=(4.6, 3.8)) as (fig, axes):
     for k, (folder, reading) in enumerate(readings.items()):
       gammas = sorted(reading['by_gamma'], key=float)
       for i, g in enumerate(gammas):
         cell = reading['by_gamma'][g]
         x = np.full(len(cell['validation_mse']), i + 0.2 * (k - 1))
-        axes[0].scatter(x, cell['validation_mse'], color=f'C{k}', s=14,
-                        label=folder.replace('synth_', '') if i == 0 else None)
-        axes[1].scatter(x, cell['spectral_radius'], color=f'C{k}', s=14,
-                        label=folder.replace('synth_', '') if i == 0 else None)
+        for ax, (key, _, _) in zip(axes, panels):
+          ax.scatter(x, cell[key], color=f'C{k}', s=14,
+                     label=folder.replace('synth_', '') if i == 0 else None)
     axes[0].axhline(NOISE_FLOOR, color='k', ls=':', label='noise floor')
-    for ax in axes:
+    for ax, (_, ylabel, title) in zip(axes, panels):
       ax.set_xticks(range(len(gammas)), gammas)
       ax.set_xlabel('Jacobian weight gamma')
       ax.set_yscale('log')
+      ax.set_ylabel(ylabel)
+      ax.set_title(f'Synthetic task: {title}', fontsize='medium')
       ax.legend(fontsize='small')
       ax.grid(alpha=0.3)
-    axes[0].set_ylabel('validation MSE')
-    axes[0].set_title('Synthetic task: fit per reading (3 seeds)', fontsize='medium')
-    axes[1].set_ylabel('rho(J_f(z*)) (validation)')
-    axes[1].set_title('Flatness at the fixed point', fontsize='medium')
+
+
+def copy_synthetic_surfaces(runs: str, figures: str) -> None:
+  """Each reading's surface figure (seed 0, the smallest and largest gamma:
+  f(z; x), the plane z_out = z and z*(x), drawn by the sweep itself) into
+  figures/repro_synthetic_surface_<reading>.png."""
+  for folder in SYNTHETIC_READINGS:
+    source = os.path.join(runs, folder, 'surface.png')
+    if not os.path.exists(source):
+      raise FileNotFoundError(f'{source} is missing: the synthetic sweep in '
+                              f'{os.path.join(runs, folder)} did not finish.')
+    with open(source, 'rb') as src, open(os.path.join(
+        figures, surface_figure(folder)), 'wb') as dst:
+      dst.write(src.read())
+
+
+def surface_figure(folder: str) -> str:
+  return f'repro_synthetic_surface_{folder.replace("synth_", "")}.png'
 
 
 def plot_mdeq(per_run, path):
@@ -823,9 +847,13 @@ PAPERS = {
     'BD21': 'Implicit gradient regularisation (Barrett & Dherin, ICLR 2021)',
     'BKK21': 'Jacobian regularisation of DEQs (Bai, Koltun & Kolter, ICML 2021)',
 }
-FIGURES = {
-    'BD21': ['repro_mnist_grid.png'],
-    'BKK21': ['repro_synthetic.png', 'repro_mdeq.png', 'repro_wt2.png'],
+FIGURES = {  # paper -> (file, caption)
+    'BD21': [('repro_mnist_grid.png', None)],
+    'BKK21': [('repro_synthetic.png', None)] + [
+        (surface_figure(folder), f'Synthetic task, {reading}: f(z; x) and '
+         'z*(x) at seed 0 for the smallest and largest gamma.')
+        for folder, reading in SYNTHETIC_READINGS.items()] + [
+        ('repro_mdeq.png', None), ('repro_wt2.png', None)],
 }
 
 
@@ -836,7 +864,7 @@ about the papers' own figures. Not run at all: WikiText-103 and ImageNet
 (no GPU; the configurations and the code paths are tested), and a CIFAR-10
 ResNet to 85% (its row gives the measured cost). The MNIST grid is the full
 width x learning-rate grid on a 10,240-image training subset with a step cap,
-the MDEQ runs are about one epoch, and the DEQ-Transformer runs are over an hour
+the MDEQ runs are about three epochs, and the DEQ-Transformer runs are over an hour
 of wall time on a shared core each; BUILD_NOTES.md ("Reproduction report")
 says why each was cut where it was."""
 
@@ -867,7 +895,9 @@ def markdown(claims: Sequence[Mapping[str, Any]]) -> str:
         cells = [c[k] for k in ('source', 'claim', 'paper_figure', 'measured',
                                 'scale')] + [f'**{c["verdict"]}**', c['why']]
         lines.append('| ' + ' | '.join(str(x).replace('|', '/') for x in cells) + ' |')
-    lines += [''] + [f'![{name}](figures/{name})' for name in FIGURES[paper]]
+    lines.append('')
+    for name, caption in FIGURES[paper]:
+      lines += ([caption, ''] if caption else []) + [f'![{name}](figures/{name})', '']
   return '\n'.join(lines) + '\n'
 
 

@@ -148,9 +148,9 @@ def test_report_has_a_row_for_every_claim(runs, tmp_path, monkeypatch):
   text = (tmp_path / 'reproduction.md').read_text()
   assert sum(line.startswith('| ') and '**' in line
              for line in text.splitlines()) == len(claims)
-  for names in repro.FIGURES.values():
-    for name in names:
-      assert f'(figures/{name})' in text
+  for figures in repro.FIGURES.values():
+    for name, caption in figures:
+      assert f'(figures/{name})' in text and (caption is None or caption in text)
       assert os.path.getsize(tmp_path / 'figures' / name) > 10_000
   # The cached fixed-budget evaluations are reused: a second build is the same.
   again = repro.build_report(str(runs), str(tmp_path / 'again'))
