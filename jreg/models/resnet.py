@@ -30,8 +30,9 @@ with its own VJP). On CPU, reverse-over-reverse autodiff of 'xla'
 convolutions (the exact gradient penalty, double backprop) emits
 convolution forms XLA:CPU runs slowly; 'custom' keeps every derivative a
 canonical convolution or a matmul: the ResNet-20 EGR step takes 3.2 s
-instead of 5.7 s, while the plain step takes 0.90 s instead of 0.69 s
-(BUILD_NOTES.md). `jreg.tasks.igr.conv_implementation` chooses per run.
+instead of 5.7 s, but with 'custom' the plain step is slower (0.90 s
+against 0.69 s in the same A/B; BUILD_NOTES.md), hence the default.
+`jreg.tasks.igr.conv_implementation` chooses per run.
 """
 from __future__ import annotations
 
