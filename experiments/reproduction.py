@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any, Mapping, Sequence
 
@@ -758,9 +759,7 @@ def copy_synthetic_surfaces(runs: str, figures: str) -> None:
     if not os.path.exists(source):
       raise FileNotFoundError(f'{source} is missing: the synthetic sweep in '
                               f'{os.path.join(runs, folder)} did not finish.')
-    with open(source, 'rb') as src, open(os.path.join(
-        figures, surface_figure(folder)), 'wb') as dst:
-      dst.write(src.read())
+    shutil.copyfile(source, os.path.join(figures, surface_figure(folder)))
 
 
 def surface_figure(folder: str) -> str:
