@@ -345,7 +345,8 @@ def test_resnet_batch_norm_state():
 def test_resnet_conv_implementations_agree_on_the_egr_gradient():
   # 'custom' convolutions (chosen for double backprop) and 'xla' ones: the same
   # parameters, and the same exact EGR gradient (reverse-over-reverse through
-  # the custom VJP against plain autodiff), on a stride-2 ResNet-8.
+  # the custom VJP against plain autodiff, and forward-over-reverse as
+  # experiments/egr_cifar10.py trains by default), on a stride-2 ResNet-8.
   assert igr.conv_implementation(0.01, 'double_backprop') == 'custom'
   assert igr.conv_implementation(0.0, 'double_backprop') == 'xla'
   assert igr.conv_implementation(0.01, 'hvp') == 'xla'
@@ -354,19 +355,25 @@ def test_resnet_conv_implementations_agree_on_the_egr_gradient():
     resnet.make('resnet8', conv_impl='cudnn')
   images = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
   batch = {'image': images, 'label': jnp.arange(8) % 10}
+  assert cli.get_config('egr_cifar10').regularizer.method == 'hvp'
   results = {}
-  for impl in ('xla', 'custom'):
+  for impl, method in (('xla', 'double_backprop'), ('custom', 'double_backprop'),
+                       ('xla', 'hvp')):
     task = igr.cifar_resnet_task('resnet8', impl)
     params, state = task.init(jax.random.PRNGKey(0))
     grad_fn = gr.gradient_penalty_grad_fn(task.loss_fn, coefficient=0.05,
-                                          method='double_backprop')
-    (_, (_, metrics)), grads = jax.jit(grad_fn)(params, state,
-                                                jax.random.PRNGKey(2), batch)
-    results[impl] = params, metrics, grads
+                                          method=method)
+    (_, (new_state, metrics)), grads = jax.jit(grad_fn)(
+        params, state, jax.random.PRNGKey(2), batch)
+    results[impl, method] = params, metrics, grads, new_state
     jaxpr = str(jax.make_jaxpr(task.loss_fn)(params, state, None, batch))
     assert ('custom_vjp' in jaxpr) == (impl == 'custom')
-  (p_xla, m_xla, g_xla), (p_custom, m_custom, g_custom) = (
-      results['xla'], results['custom'])
+  (p_xla, m_xla, g_xla, s_xla), (p_custom, m_custom, g_custom, _), (
+      _, m_hvp, g_hvp, s_hvp) = results.values()
+  # Forward-over-reverse: the same penalty, gradient and batch statistics.
+  np.testing.assert_allclose(m_hvp['penalty'], m_xla['penalty'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((g_xla, s_xla)), jax.tree.leaves((g_hvp, s_hvp))):
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5 * float(jnp.abs(a).max()))
   assert jax.tree.structure(p_xla) == jax.tree.structure(p_custom)
   for a, b in zip(jax.tree.leaves(p_xla), jax.tree.leaves(p_custom)):
     np.testing.assert_array_equal(a, b)
