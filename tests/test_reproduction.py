@@ -182,8 +182,8 @@ def test_egr_row_waits_for_unfinished_runs(runs, tmp_path):
   assert row['verdict'] == 'not testable here'
   assert f'plain seed 1: step {records[-1]["step"]} of' in row['measured']
   assert 'EGR seed 1' not in row['measured'] and '3.0x' in row['measured']
-  assert values['cost']['projected_cpu_hours_10_epochs_2_seeds'] == pytest.approx(
-      2 * 390 * 10 * 2.0 / 3600)
+  assert values['cost']['projected_cpu_hours_2_seeds'] == pytest.approx(
+      2 * 390 * repro.EGR_EPOCHS * 2.0 / 3600)
   assert os.path.getsize(tmp_path / 'figures' / 'repro_egr.png') > 10_000
 
 
