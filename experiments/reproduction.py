@@ -402,9 +402,11 @@ def egr_runs(runs: str) -> dict[tuple[str, int], dict[str, Any]]:
     epoch = (config.data.train_examples or 50_000) // config.batch_size
     train_records = [r for r in history if r['split'] == 'train']
     tests = [(r['step'], r['test_accuracy']) for r in evals(history)]
+    finished = any(step == num_steps for step, _ in tests)
     out[key] = dict(
-        step=max(r['step'] for r in history), num_steps=num_steps,
-        finished=any(step == num_steps for step, _ in tests),
+        step=max(r['step'] for r in history), num_steps=num_steps, finished=finished,
+        final_test_accuracy=igr.final_record(history, num_steps, workdir)[
+            'test_accuracy'] if finished else None,
         test_accuracy=tests, r_ig=[(r['step'], r['r_ig']) for r in train_records],
         # R_IG of the last epoch's logged training batches (a minibatch figure).
         final_r_ig=float(np.mean([r['r_ig'] for r in train_records
@@ -431,7 +433,7 @@ def egr_claim(runs: str, figures: str) -> tuple[dict, dict]:
   if len(per_run) < len(EGR_RUNS) or not all(r['finished'] for r in per_run.values()):
     progress = '; '.join(
         f'{label} seed {seed}: ' + (
-            f'test accuracy {r["test_accuracy"][-1][1]:.3f} at the end' if r['finished']
+            f'test accuracy {r["final_test_accuracy"]:.3f} at the end' if r['finished']
             else f'step {r["step"]} of {r["num_steps"]}')
         for (label, seed), r in sorted(per_run.items())) or 'no run started'
     return claim(
@@ -443,7 +445,7 @@ def egr_claim(runs: str, figures: str) -> tuple[dict, dict]:
         'not testable here', 'the EGR runs take several hours each here; they '
         'resume where they stopped and the row is judged once all four finish',
         values), values
-  final = {key: r['test_accuracy'][-1][1] for key, r in per_run.items()}
+  final = {key: r['final_test_accuracy'] for key, r in per_run.items()}
   rig = {key: r['final_r_ig'] for key, r in per_run.items()}
   seeds = sorted({seed for _, seed in per_run})
 
