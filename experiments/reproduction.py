@@ -11,6 +11,10 @@ perplexity at fixed forward budgets, the cost of an EGR step), and writes
 
     python -m experiments.reproduction --runs=runs/repro --out=docs
 
+`--sections=egr` rebuilds only the named sections and keeps the other rows as
+OUT/reproduction.json has them: the EGR runs continue over several sittings
+in `reproduction_runs/`, and their row is updated from that folder alone.
+
 Verdicts are decided by the rules in `verdict_*` below, written before the
 runs finished and never changed to fit them: 'reproduced', 'trend
 reproduced' (the direction holds, the size or the scale differs), 'not
@@ -313,7 +317,8 @@ def claim(paper, source, text, paper_figure, measured, scale, verdict, why,
               values=values or {})
 
 
-def two_parameter_claims(runs: str) -> list[dict]:
+def two_parameter_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
+  del figures  # the experiment draws its own
   r = read_json(os.path.join(runs, 'igr_two_parameter', 'results.json'))
   ends = r['endpoints']
   hs = [e['learning_rate'] for e in ends]
@@ -346,7 +351,7 @@ def two_parameter_claims(runs: str) -> list[dict]:
             scale, verdict_monotone(dists), 'reproduced when strictly decreasing '
             'in h; the effect is small inside the stable range (h lambda_max < 2)',
             dict(learning_rates=hs, distances=dists)),
-  ]
+  ], {}
 
 
 def mnist_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
@@ -414,7 +419,7 @@ def egr_runs(runs: str) -> dict[tuple[str, int], dict[str, Any]]:
   return out
 
 
-def egr_claim(runs: str, figures: str) -> tuple[dict, dict]:
+def egr_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
   cost = read_json(os.path.join(runs, 'egr_cost.json'))
   epoch_steps = 50_000 // cost['batch_size']
   # ResNet-20 for EGR_EPOCHS, EGR and plain, two seeds: this many CPU hours
@@ -436,7 +441,7 @@ def egr_claim(runs: str, figures: str) -> tuple[dict, dict]:
             f'test accuracy {r["final_test_accuracy"]:.3f} at the end' if r['finished']
             else f'step {r["step"]} of {r["num_steps"]}')
         for (label, seed), r in sorted(per_run.items())) or 'no run started'
-    return claim(
+    return [claim(
         'BD21', 'Section 6, Fig. 3', text, 'higher test accuracy with EGR (ResNet-18)',
         f'not all runs finished: {progress}. {steps}; {EGR_EPOCHS} epochs x 2 '
         f'seeds x 2 settings = {hours:.0f} h of this CPU',
@@ -444,7 +449,7 @@ def egr_claim(runs: str, figures: str) -> tuple[dict, dict]:
         f'{cost["batch_size"]}, EGR mu = {EGR_COEFFICIENT:g}, seeds 0 and 1',
         'not testable here', 'the EGR runs take several hours each here; they '
         'resume where they stopped and the row is judged once all four finish',
-        values), values
+        values)], values
   final = {key: r['final_test_accuracy'] for key, r in per_run.items()}
   rig = {key: r['final_r_ig'] for key, r in per_run.items()}
   seeds = sorted({seed for _, seed in per_run})
@@ -465,7 +470,7 @@ def egr_claim(runs: str, figures: str) -> tuple[dict, dict]:
   per_seed = ', '.join(f'{final[("EGR", s)]:.3f} vs {final[("plain", s)]:.3f}'
                        for s in seeds)
   epochs = config.num_steps * config.batch_size / 50_000
-  return claim(
+  return [claim(
       'BD21', 'Section 6, Fig. 3', text, 'higher test accuracy with EGR (ResNet-18)',
       f'test accuracy {mean(final, "EGR"):.3f} (EGR) vs {plain:.3f} (plain), per seed '
       f'{per_seed}; R_IG over the last epoch {mean(rig, "EGR"):.2e} vs '
@@ -479,7 +484,7 @@ def egr_claim(runs: str, figures: str) -> tuple[dict, dict]:
       'trend: more accurate on average; the issue asks for a ResNet at >= '
       f'{EGR_TARGET_ACCURACY:.0%}: plain reached {plain:.1%} '
       + ('(met)' if plain >= EGR_TARGET_ACCURACY else '(not met at this budget)'),
-      values), values
+      values)], values
 
 
 def synthetic_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
@@ -718,7 +723,8 @@ def wt2_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
   return claims, values
 
 
-def memory_claims(runs: str) -> tuple[list[dict], dict]:
+def memory_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
+  del figures  # a table only
   bench = read_json(os.path.join(runs, 'memory.json'))
   cases = bench['cases']
   mdeq = cases['mdeq_jr']['memory_bytes'] / cases['mdeq']['memory_bytes'] - 1
@@ -925,20 +931,35 @@ def plot_wt2(per_run, config, path):
 # --- the report -------------------------------------------------------------
 
 
-def build_report(runs: str, out: str) -> dict[str, Any]:
-  """Reads every run under `runs`; writes OUT/reproduction.{json,md} and figures."""
+# The report's sections in order: name -> (runs, figures) -> (claims, values).
+SECTIONS = {'two_parameter': two_parameter_claims, 'mnist': mnist_claims,
+            'egr': egr_claims, 'synthetic': synthetic_claims,
+            'mdeq': mdeq_claims, 'wikitext2': wt2_claims, 'memory': memory_claims}
+
+
+def build_report(runs: str, out: str,
+                 sections: Sequence[str] | None = None) -> dict[str, Any]:
+  """Reads the runs under `runs`; writes OUT/reproduction.{json,md} and figures.
+
+  `sections` (names of SECTIONS; None: all) rebuilds only those sections and
+  takes the others' rows as they stand in OUT/reproduction.json: a run that
+  continues over several sittings updates its row without the other runs
+  being on this machine.
+  """
+  unknown = sorted(set(sections or ()) - set(SECTIONS))
+  if unknown:
+    raise ValueError(f'unknown report sections {unknown}: choose from {list(SECTIONS)}.')
+  previous = None if sections is None else read_json(os.path.join(out, 'reproduction.json'))
   figures = os.path.join(out, 'figures')
   os.makedirs(figures, exist_ok=True)
-  claims, values = two_parameter_claims(runs), {}
-  mnist, values['mnist'] = mnist_claims(runs, figures)
-  egr, values['egr'] = egr_claim(runs, figures)
-  claims += mnist + [egr]
-  for key, make in (('synthetic', synthetic_claims), ('mdeq', mdeq_claims),
-                    ('wikitext2', wt2_claims)):
-    more, values[key] = make(runs, figures)
-    claims += more
-  memory, values['memory'] = memory_claims(runs)
-  claims += memory
+  claims, values = [], {}
+  for name, make in SECTIONS.items():
+    if previous is None or name in sections:
+      more, values[name] = make(runs, figures)
+      claims += [dict(c, section=name) for c in more]
+    else:
+      claims += [c for c in previous['claims'] if c['section'] == name]
+      values[name] = previous['values'][name]
   report = dict(claims=claims, values=values, verdicts=VERDICTS)
   with open(os.path.join(out, 'reproduction.json'), 'w') as f:
     json.dump(report, f, indent=1, default=float)
@@ -966,8 +987,9 @@ Every run here is far smaller than the papers' (the "scale" column says
 exactly what ran), so a verdict says what holds at this scale and nothing
 about the papers' own figures. Not run at all: WikiText-103 and ImageNet
 (no GPU; the configurations and the code paths are tested). The CIFAR-10
-ResNets of the EGR row (20 epochs) take hours each here: until all four have
-finished, that row says how far each got and what a step costs. The MNIST grid is the full
+ResNets of the EGR row (20 epochs) take hours each here and continue from
+sitting to sitting in `reproduction_runs/`: until all four have finished,
+that row says how far each got and what a step costs. The MNIST grid is the full
 width x learning-rate grid on a 10,240-image training subset with a step cap,
 the MDEQ runs are about three epochs, and the DEQ-Transformer runs are over an hour
 of wall time on a shared core each; BUILD_NOTES.md ("Reproduction report")
@@ -983,7 +1005,8 @@ def markdown(claims: Sequence[Mapping[str, Any]]) -> str:
       'runs (at most about an hour per run). Generated by '
       '`python -m experiments.reproduction --runs=runs/repro --out=docs` from '
       'the runs whose commands are listed in BUILD_NOTES.md ("Reproduction '
-      'report"); every number is in `docs/reproduction.json`. Verdicts: '
+      'report"), the EGR row from `reproduction_runs/` (`--runs=reproduction_runs '
+      '--sections=egr`); every number is in `docs/reproduction.json`. Verdicts: '
       + ', '.join(f'*{v}*' for v in VERDICTS) + '; the rule for each is in '
       'its "why". No run was tuned to match the paper.',
       '',
@@ -1011,6 +1034,9 @@ def define_flags():
   flags.DEFINE_string('out', 'docs', 'Where reproduction.{md,json} and figures go.')
   flags.DEFINE_bool('measure_egr_cost', False, 'Only time the ResNet-20 EGR step '
                     'and write RUNS/egr_cost.json.')
+  flags.DEFINE_list('sections', None, 'Rebuild only these sections of the report '
+                    f'({", ".join(SECTIONS)}), the others as they stand in '
+                    'OUT/reproduction.json (default: all, from every run).')
 
 
 def main(argv):
@@ -1024,8 +1050,8 @@ def main(argv):
         json.dump(cost, out, indent=1)
       print(json.dumps(cost))
       return
-    report = build_report(f.runs, f.out)
-  except (FileNotFoundError, cli.ConfigError, checkpoint_lib.CheckpointError) as error:
+    report = build_report(f.runs, f.out, f.sections)
+  except (FileNotFoundError, ValueError, cli.ConfigError, checkpoint_lib.CheckpointError) as error:
     raise SystemExit(f'reproduction: {error}') from None
   counts = {v: sum(c['verdict'] == v for c in report['claims']) for v in VERDICTS}
   print(f'{len(report["claims"])} claims: {counts}; wrote {f.out}/reproduction.md')

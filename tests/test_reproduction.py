@@ -178,13 +178,41 @@ def test_egr_row_waits_for_unfinished_runs(runs, tmp_path):
   metrics.write_text(''.join(json.dumps(r) + '\n' for r in records
                              if r['split'] == 'train'))  # no final evaluation yet
   (tmp_path / 'figures').mkdir()
-  row, values = repro.egr_claim(str(tmp_path), str(tmp_path / 'figures'))
+  [row], values = repro.egr_claims(str(tmp_path), str(tmp_path / 'figures'))
   assert row['verdict'] == 'not testable here'
   assert f'plain seed 1: step {records[-1]["step"]} of' in row['measured']
   assert 'EGR seed 1' not in row['measured'] and '3.0x' in row['measured']
   assert values['cost']['projected_cpu_hours_2_seeds'] == pytest.approx(
       2 * 390 * repro.EGR_EPOCHS * 2.0 / 3600)
   assert os.path.getsize(tmp_path / 'figures' / 'repro_egr.png') > 10_000
+
+  # With only these runs on the machine, the report's EGR section is rebuilt
+  # and every other row is kept as the previous report has it.
+  previous = dict(verdicts=repro.VERDICTS, claims=[], values={})
+  for name in repro.SECTIONS:
+    previous['claims'] += [dict(repro.claim(
+        'BD21', f'{name} {i}', 'a claim', 'a figure', 'a measurement', 'a scale',
+        'reproduced', 'a reason'), section=name) for i in range(2)]
+    previous['values'][name] = {'from': 'the previous report'}
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'reproduction.json').write_text(json.dumps(previous))
+  report = repro.build_report(str(tmp_path), str(out), sections=['egr'])
+  kept = [c for c in previous['claims'] if c['section'] != 'egr']
+  assert [c for c in report['claims'] if c['section'] != 'egr'] == kept
+  assert [c['section'] for c in report['claims']] == [
+      c['section'] for c in previous['claims'] if c['section'] != 'egr'
+      or c['source'].endswith('0')]  # the new EGR row stands where the old ones did
+  assert dict(row, section='egr') in report['claims']
+  assert report['values']['egr']['cost'] == values['cost']
+  assert report['values']['mdeq'] == {'from': 'the previous report'}
+  assert json.loads((out / 'reproduction.json').read_text())['claims'] == json.loads(
+      json.dumps(report['claims'], default=float))
+  assert (out / 'reproduction.md').read_text().count('**reproduced**') == len(kept)
+  with pytest.raises(ValueError, match='unknown report sections'):
+    repro.build_report(str(tmp_path), str(out), sections=['egr', 'mnist_grid'])
+  with pytest.raises(FileNotFoundError, match='BUILD_NOTES.md'):
+    repro.build_report(str(tmp_path), str(tmp_path / 'empty'), sections=['egr'])
 
 
 def test_missing_run_is_one_sentence(tmp_path):
