@@ -185,6 +185,16 @@ def test_egr_row_waits_for_unfinished_runs(runs, tmp_path):
   assert values['cost']['projected_cpu_hours_2_seeds'] == pytest.approx(
       2 * 390 * repro.EGR_EPOCHS * 2.0 / 3600)
   assert os.path.getsize(tmp_path / 'figures' / 'repro_egr.png') > 10_000
+  assert 'weight decay 0 in both arms' in row['scale']
+  # Arms trained with different recipes are refused, naming the difference.
+  config_file = folder / repro.EGR_RUNS[('plain', 1)] / 'config.json'
+  saved = config_file.read_text()
+  changed = json.loads(saved)
+  changed['optimizer']['weight_decay'] = 5e-4
+  config_file.write_text(json.dumps(changed))
+  with pytest.raises(ValueError, match=r'different recipes \(optimizer of plain seed 1'):
+    repro.egr_claims(str(tmp_path), str(tmp_path / 'figures'))
+  config_file.write_text(saved)
 
   # With only these runs on the machine, the report's EGR section is rebuilt
   # and every other row is kept as the previous report has it.
