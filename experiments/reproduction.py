@@ -50,6 +50,7 @@ from jreg import tasks
 from jreg import train
 from jreg import xla_cpu
 from jreg.data import wikitext
+from jreg.tasks import checks
 from jreg.tasks import deq_lm
 from jreg.tasks import igr
 from jreg.tasks import mdeq as mdeq_task
@@ -398,17 +399,6 @@ def mnist_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
   return claims, values
 
 
-def recipe(config: ml_collections.ConfigDict, paths: Sequence[str]) -> dict[str, Any]:
-  """`{path: value}` of `config` at each dotted path (groups as dicts)."""
-  out = {}
-  for path in paths:
-    value = config.to_dict()
-    for key in path.split('.'):
-      value = value[key]
-    out[path] = value
-  return out
-
-
 def egr_runs(runs: str) -> dict[tuple[str, int], dict[str, Any]]:
   """What each EGR run of `EGR_RUNS` has logged so far (absent runs left out):
   its recipe (`EGR_RECIPE`), its step, its budget, its test evaluations and its
@@ -426,7 +416,7 @@ def egr_runs(runs: str) -> dict[tuple[str, int], dict[str, Any]]:
     tests = [(r['step'], r['test_accuracy']) for r in evals(history)]
     finished = any(step == num_steps for step, _ in tests)
     out[key] = dict(
-        recipe=recipe(config, EGR_RECIPE),
+        recipe={path: checks.config_value(config.to_dict(), path) for path in EGR_RECIPE},
         step=max(r['step'] for r in history), num_steps=num_steps, finished=finished,
         final_test_accuracy=igr.final_record(history, num_steps, workdir)[
             'test_accuracy'] if finished else None,
