@@ -85,12 +85,8 @@ def load_cifar10(split: str = 'train', *, source: str = common.DEFAULT_SOURCE,
   if split not in SPLITS:
     raise ValueError(f'CIFAR-10 split {split!r} is not one of {SPLITS}.')
   if source == 'tfds':
-    records = common.tfds_data_source('cifar10', split, data_dir)
-    arrays = common.tfds_to_arrays(
-        records, {'image': lambda r: r['image'], 'label': lambda r: r['label']},
-        progress_name=f'cifar10/{split}')
-    return {'image': arrays['image'].astype(np.uint8).reshape(-1, 32, 32, 3),
-            'label': arrays['label'].astype(np.int32)}
+    return common.tfds_image_classification('cifar10', split, data_dir,
+                                            (32, 32, 3))
   directory = common.resolve_dataset_dir(
       'cifar10', source, data_dir, (f'cifar10/{_FOLDER}', _FOLDER),
       _FILES[split][0], _how_to_get, mirror)

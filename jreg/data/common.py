@@ -174,27 +174,34 @@ def tfds_data_source(name: str, split: str, data_dir: Optional[str],
         f'read from {where} ({reason}): {_TFDS_HOW}.') from None
 
 
-def tfds_to_arrays(source: Any, fields: Mapping[str, Callable[[Any], Any]],
-                   progress_name: str = '') -> dict[str, np.ndarray]:
-  """Reads every record of a random-access tfds source into NumPy arrays.
+def tfds_image_classification(name: str, split: str, data_dir: Optional[str],
+                              image_shape: tuple[int, ...]
+                              ) -> dict[str, np.ndarray]:
+  """Reads a prepared tfds image-classification split into NumPy arrays.
+
+  Every record of `tfds.data_source(name, split=split)` (random access, no
+  TensorFlow) is read; a count is logged every 10,000 records.
 
   Args:
-    source: a `tfds.data_source(...)` split (len() and [i]).
-    fields: output name -> function of one record giving that field.
-    progress_name: logged with a count every 10,000 records when non-empty.
+    name: the tfds dataset ('mnist', 'cifar10').
+    split: its split.
+    data_dir: tfds's data folder (None: tfds's default).
+    image_shape: the shape of one image, [H, W, C].
 
   Returns:
-    A dict of stacked arrays, one row per record.
+    {'image': uint8 [N, *image_shape], 'label': int32 [N]}.
   """
-  columns = {key: [] for key in fields}
+  source = tfds_data_source(name, split, data_dir)
+  images, labels = [], []
   for index in range(len(source)):
     record = source[index]
-    for key, extract in fields.items():
-      columns[key].append(np.asarray(extract(record)))
-    if progress_name and (index + 1) % 10_000 == 0:
-      logging.info('%s: read %d/%d records', progress_name, index + 1,
+    images.append(np.asarray(record['image']))
+    labels.append(np.asarray(record['label']))
+    if (index + 1) % 10_000 == 0:
+      logging.info('%s/%s: read %d/%d records', name, split, index + 1,
                    len(source))
-  return {key: np.stack(values) for key, values in columns.items()}
+  return {'image': np.stack(images).astype(np.uint8).reshape(-1, *image_shape),
+          'label': np.stack(labels).astype(np.int32)}
 
 
 def resolve_process(process_index: Optional[int],

@@ -96,12 +96,8 @@ def load_mnist(split: str = 'train', *, source: str = common.DEFAULT_SOURCE,
   if split not in SPLITS:
     raise ValueError(f'MNIST split {split!r} is not one of {SPLITS}.')
   if source == 'tfds':
-    records = common.tfds_data_source('mnist', split, data_dir)
-    arrays = common.tfds_to_arrays(
-        records, {'image': lambda r: r['image'], 'label': lambda r: r['label']},
-        progress_name=f'mnist/{split}')
-    return {'image': arrays['image'].astype(np.uint8).reshape(-1, 28, 28, 1),
-            'label': arrays['label'].astype(np.int32)}
+    return common.tfds_image_classification('mnist', split, data_dir,
+                                            (28, 28, 1))
   images_name, labels_name = _FILES[split]
   directory = common.resolve_dataset_dir('mnist', source, data_dir,
                                          ('mnist',), images_name, _how_to_get,
