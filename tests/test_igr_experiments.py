@@ -245,21 +245,40 @@ def test_mnist_sweep_stopping_rule_stops_at_the_first_evaluation_reaching_it(
     shared_data, tmp_path, monkeypatch):
   """With `stop_train_accuracy`, a run ends at the first evaluation whose
   training accuracy reaches it (the rule of [BD21] Fig. 2); a run killed
-  mid-segment and restarted reports what the uninterrupted one did."""
+  mid-segment and restarted reports what the uninterrupted one did.
+
+  The threshold comes from a run without the rule on the same data (the
+  real MNIST files or the tests' tiny ones): the training accuracy of the
+  first evaluation after step 2 that beats every earlier one, so the rule
+  must stop there and not at step 2 or 12."""
   config = _config('igr_mnist_sweep', shared_data, num_steps=12, batch_size=128,
                    eval_batch_size=256, log_every=1, eval_every=2,
-                   checkpoint_every=0, stop_train_accuracy=0.2,
+                   checkpoint_every=0, stop_train_accuracy=0.0,
                    **{'sweep.model_width': (16,), 'sweep.learning_rate': (0.1,),
                       'sweep.regularizer_coefficient': (0.0,),
                       'data.train_examples': 512, 'data.eval_examples': 256})
+  igr_mnist_sweep.run(config, str(tmp_path / 'no_rule'))
+  (records,) = _runs(str(tmp_path / 'no_rule')).values()
+  accuracy = {r['step']: r['train_accuracy'] for r in records if r['split'] == 'eval'}
+  assert sorted(accuracy) == list(range(2, 13, 2))
+  stop_step = next((step for step in range(4, 12, 2)
+                    if accuracy[step] > max(accuracy[s] for s in accuracy if s < step)),
+                   None)
+  assert stop_step, f'training accuracy never rose between steps 4 and 10: {accuracy}'
+  config.stop_train_accuracy = accuracy[stop_step]
   reference = str(tmp_path / 'reference')
   igr_mnist_sweep.run(config, reference)
   (records,) = _runs(reference).values()
   evals = [r for r in records if r['split'] == 'eval']
   (result,) = json.load(open(os.path.join(reference, 'results.json')))['runs'].values()
-  reached = [r['step'] for r in evals if r['train_accuracy'] >= 0.2]
-  assert reached == [evals[-1]['step']] == [result['steps']]  # the first, and last
-  assert 2 < result['steps'] < 12 and result['reached_stop_rule']
+  reached = [r['step'] for r in evals if r['train_accuracy'] >= config.stop_train_accuracy]
+  assert reached == [evals[-1]['step']] == [result['steps']] == [stop_step]
+  assert result['reached_stop_rule']
+  # Until the stop, the run with the rule is the run without it.
+  key = lambda r: (r['step'], r['split'])
+  assert sorted(records, key=key) == sorted(
+      (r for r in _runs(str(tmp_path / 'no_rule')).popitem()[1] if r['step'] <= stop_step),
+      key=key)
   assert [r['step'] for r in evals] == list(range(2, result['steps'] + 1, 2))
   assert result['train_accuracy'] == evals[-1]['train_accuracy']
   # Killed in the segment before the stop, then restarted: the same results.
