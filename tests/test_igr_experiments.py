@@ -258,8 +258,8 @@ def test_mnist_sweep_stopping_rule_stops_at_the_first_evaluation_reaching_it(
                       'sweep.regularizer_coefficient': (0.0,),
                       'data.train_examples': 512, 'data.eval_examples': 256})
   igr_mnist_sweep.run(config, str(tmp_path / 'no_rule'))
-  (records,) = _runs(str(tmp_path / 'no_rule')).values()
-  accuracy = {r['step']: r['train_accuracy'] for r in records if r['split'] == 'eval'}
+  (no_rule,) = _runs(str(tmp_path / 'no_rule')).values()
+  accuracy = {r['step']: r['train_accuracy'] for r in no_rule if r['split'] == 'eval'}
   assert sorted(accuracy) == list(range(2, 13, 2))
   stop_step = next((step for step in range(4, 12, 2)
                     if accuracy[step] > max(accuracy[s] for s in accuracy if s < step)),
@@ -277,8 +277,7 @@ def test_mnist_sweep_stopping_rule_stops_at_the_first_evaluation_reaching_it(
   # Until the stop, the run with the rule is the run without it.
   key = lambda r: (r['step'], r['split'])
   assert sorted(records, key=key) == sorted(
-      (r for r in _runs(str(tmp_path / 'no_rule')).popitem()[1] if r['step'] <= stop_step),
-      key=key)
+      (r for r in no_rule if r['step'] <= stop_step), key=key)
   assert [r['step'] for r in evals] == list(range(2, result['steps'] + 1, 2))
   assert result['train_accuracy'] == evals[-1]['train_accuracy']
   # Killed in the segment before the stop, then restarted: the same results.
