@@ -502,8 +502,10 @@ def egr_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
       f'{config.batch_size}, {config.num_steps} steps ({epochs:.1f} epochs), EGR mu = '
       f'{EGR_COEFFICIENT:g} (H grad L by {config.regularizer.method}), seeds {seeds}; '
       f'{steps}',
-      verdict, 'reproduced: EGR more accurate and lower R_IG in every seed; '
-      'trend: more accurate on average; the plain ResNet should reach >= '
+      verdict, f'EGR had the higher test accuracy in {sum(higher)} of {len(seeds)} '
+      f'seeds and the lower R_IG in {sum(lower)} of {len(seeds)}; reproduced: EGR more '
+      'accurate and lower R_IG in every seed; trend: more accurate on average; the '
+      'plain ResNet should reach >= '
       f'{EGR_TARGET_ACCURACY:.0%}: plain reached {plain:.1%} '
       + ('(met)' if plain >= EGR_TARGET_ACCURACY else '(not met at this budget)'),
       values)], values
@@ -1011,10 +1013,12 @@ exactly what ran), so a verdict says what holds at this scale and nothing
 about the papers' own figures. Not run at all: WikiText-103 and ImageNet
 (no GPU; the configurations and the code paths are tested). The CIFAR-10
 ResNets of the EGR row (20 epochs, weight decay 5e-4 in both arms: without
-it the plain ResNet ended at 84.5% and 84.2%, short of its 85% target) take
-hours each here and continue from sitting to sitting in `reproduction_runs/`:
-until all four have finished, that row says how far each got and what a step
-costs. The MNIST grid is the full
+it the plain ResNet ended at 84.5% and 84.2%, short of its 85% target) are
+the exception to the hour per run: about 2.6 h each for the plain runs (one
+core each) and over 3 h each with EGR (both cores). They were stopped and
+resumed from the checkpoints kept in `reproduction_runs/`; while any of the
+four is unfinished, that row says how far each got and what a step costs.
+The MNIST grid is the full
 width x learning-rate grid on a 10,240-image training subset with a step cap,
 the MDEQ runs are about three epochs, and the DEQ-Transformer runs are over an hour
 of wall time on a shared core each; BUILD_NOTES.md ("Reproduction report")

@@ -148,6 +148,14 @@ def test_report_has_a_row_for_every_claim(runs, tmp_path, monkeypatch):
                         for label in ('plain', 'EGR'))
   assert f'{regularised:.3f} vs {plain:.3f}' in egr['measured']
   assert egr['verdict'] != 'not testable here' and '(not met' in egr['why']
+  final = {key: run['test_accuracy'][-1][1] for key, run in runs_logged.items()}
+  higher = sum(final[f'EGR, seed {s}'] > final[f'plain, seed {s}'] for s in (0, 1))
+  lower = sum(runs_logged[f'EGR, seed {s}']['final_r_ig'] <
+              runs_logged[f'plain, seed {s}']['final_r_ig'] for s in (0, 1))
+  assert f'higher test accuracy in {higher} of 2 seeds and the lower R_IG in {lower} ' \
+      'of 2' in egr['why']
+  assert egr['verdict'] == ('reproduced' if higher == lower == 2 else 'not reproduced'
+                            if regularised <= plain else 'trend reproduced')
   # Identical runs in both arms: no NFE saving, and the verdict says so.
   nfe = by_source[('BKK21', 'Table 3')]
   assert nfe['verdict'] == 'not reproduced' and '1.00x fewer' in nfe['measured']
