@@ -17,6 +17,7 @@ import pytest
 
 import test_train
 from jreg import checkpoint as checkpoint_lib
+from jreg import cli
 from jreg import metrics as metrics_lib
 from jreg import rundir
 from jreg import train
@@ -101,12 +102,27 @@ def test_time_based_checkpoints_change_no_record(tmp_path, reference):
     _run(tmp_path / 'bad', checkpoint_every_seconds=-1)
 
 
-def test_command_default_checkpoint_seconds(tmp_path):
-  with train.checkpoint_seconds(1e-9):
-    _run(tmp_path, iterator=test_train.CountingIterator())
-  saved = checkpoint_lib.Checkpointer(str(tmp_path))
+def test_checkpoint_minutes_of_a_command_reach_its_fit_calls(tmp_path):
+  config = cli.get_config('synthetic_mlp', 'small', {'checkpoint_minutes': 1e-9})
+
+  def run_fn(config, workdir):
+    del config
+    _run(os.path.join(workdir, 'sub'))
+    return {}
+
+  cli.execute('synthetic_mlp', run_fn, config, str(tmp_path))
+  saved = checkpoint_lib.Checkpointer(str(tmp_path / 'sub'))
   assert saved.all_steps() == [6, 7, 8]  # every step, not only 3, 6 and 8
   saved.close()
+  assert not (tmp_path / rundir.LOCK_FILE).exists()
+
+
+def test_checkpoint_minutes_presets_and_range():
+  assert cli.get_config('deq_cifar10', 'paper').checkpoint_minutes == 10
+  assert cli.get_config('deq_wikitext', 'small').checkpoint_minutes == 10
+  assert cli.get_config('deq_cifar10', 'quickstart').checkpoint_minutes == 0
+  with pytest.raises(cli.ConfigError, match='checkpoint_minutes must be >= 0'):
+    cli.get_config('synthetic_mlp', 'small', {'checkpoint_minutes': -1.0})
 
 
 # ---------------------------------------------------------------------------
