@@ -1,4 +1,4 @@
-"""Runs one experiment over a grid of config values: a SLURM job array, or here.
+r"""Runs one experiment over a grid of config values: a SLURM job array, or here.
 
 Each point of the grid (`--grid='a=1,2;b=x,y'`: every combination, here four
 points; `--set=KEY=VALUE`: the same value in every point) is one ordinary run,
