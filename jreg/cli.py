@@ -22,8 +22,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -83,6 +84,37 @@ def get_config(name: str, preset: str = 'paper',
   except ValueError as error:
     raise ConfigError(str(error)) from None
   override(config, overrides or {})
+  validate(name, config)
+  return config
+
+
+def command_config(name: str, argv: Sequence[str]) -> ml_collections.ConfigDict:
+  """The validated config of `python -m experiments.NAME ARGV`, run or not.
+
+  `argv` holds the command's `--config=FILE[:PRESET]` and `--config.KEY=VALUE`
+  flags (other flags are refused). They are parsed as the command parses them and
+  the config is checked as the command checks it (`validate`), so a launcher
+  can refuse a command before it queues it.
+
+  Raises:
+    ConfigError: the sentence the command would print: a file that cannot be
+      loaded or an unknown preset, an unknown key, a value of the wrong type
+      or out of range.
+  """
+  argv = [f'experiments.{name}', *argv]
+  values = flags.FlagValues()
+  try:
+    config_flag = config_flags.DEFINE_config_file(
+        'config', config_file(name), flag_values=values, lock_config=True,
+        sys_argv=argv)
+    values(argv)
+    config = _loaded(config_flag)
+  except flags.Error as error:
+    raise ConfigError(_flag_error_sentence(error)) from None
+  except (KeyError, AttributeError) as error:
+    raise ConfigError(_unknown_key_sentence(error, argv)) from None
+  except app.UsageError as error:
+    raise ConfigError(str(error)) from None
   validate(name, config)
   return config
 
@@ -330,23 +362,42 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
-    message = _first_line(error)
-    if 'Traceback' in str(error):
-      message = f'--config could not be loaded: {message}'
+    message = _flag_error_sentence(error)
   except (KeyError, AttributeError) as error:
     _refuse_unknown_key(error, argv)
   print(f'FATAL Flags parsing error: {message}', file=sys.stderr, flush=True)
   sys.exit(1)
 
 
+def _flag_error_sentence(error: flags.Error) -> str:
+  """One sentence for a flag that absl or ml_collections could not parse."""
+  message = _first_line(error)
+  if 'Traceback' in str(error):
+    message = f'--config could not be loaded: {message}'
+  return message
+
+
+def _unknown_key_sentence(error: BaseException, argv: Sequence[str]) -> str:
+  """One sentence for a `--config.KEY` that the config lacks.
+
+  ml_collections raises `KeyError`/`AttributeError` whose text is the quoted
+  key, at times with a suggestion (`Did you mean "learning_rate" ...?`).
+  """
+  text = str(error).replace('\\', '')
+  quoted = re.search(r'[\'"]([A-Za-z_][A-Za-z0-9_]*)[\'"]', text)
+  key = quoted.group(1) if quoted else _first_line(error).strip('\'"')
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  hint = (f'did you mean {suggestion.group(1)!r}?' if suggestion else
+          'the keys are those of its get_config')
+  given = [arg.split('=', 1)[0] for arg in argv[1:] if arg.startswith('--config.')]
+  named = [arg for arg in given if key in arg.split('.')[1:]] or given
+  return f'{", ".join(named)}: the config has no key {key!r} ({hint}).'
+
+
 def _refuse_unknown_key(error: BaseException, argv: list[str]) -> None:
   """Exits with one sentence for a `--config.KEY` that the config lacks."""
-  key = _first_line(error).strip('\'"')
-  given = [arg.split('=', 1)[0] for arg in argv[1:] if arg.startswith('--config.')]
-  named = [arg for arg in given if arg.split('.')[-1] == key] or given
-  print(f'FATAL Flags parsing error: {", ".join(named)}: the config has no key '
-        f'{key!r} (the keys are those of its get_config).', file=sys.stderr,
-        flush=True)
+  print(f'FATAL Flags parsing error: {_unknown_key_sentence(error, argv)}',
+        file=sys.stderr, flush=True)
   sys.exit(1)
 
 
