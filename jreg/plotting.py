@@ -44,8 +44,8 @@ def new_figure(ncols: int = 1, nrows: int = 1, size=(5.0, 3.6), **kwargs):
 def save(fig: Figure, path: str, dpi: int = 120) -> None:
   """Writes `fig` as a PNG at `path` (creating its directory), decluttered."""
   fig.tight_layout()
-  declutter(fig)
-  fig.tight_layout()
+  if declutter(fig):
+    fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=dpi)
 
@@ -61,8 +61,8 @@ def figure(path: Optional[str], ncols: int = 1, nrows: int = 1, size=(5.0, 3.6),
   yield fig, axes
   if path is None:
     fig.tight_layout()
-    declutter(fig)
-    fig.tight_layout()
+    if declutter(fig):
+      fig.tight_layout()
   else:
     save(fig, path)
 
@@ -168,8 +168,9 @@ def _plain(value, _=None) -> str:
   return f'{value:g}'
 
 
-def declutter(fig: Figure, rounds: int = 4) -> None:
-  """Changes the ticks of `fig` until no two tick labels overlap.
+def declutter(fig: Figure, rounds: int = 4) -> bool:
+  """Changes the ticks of `fig` until no two tick labels overlap; returns
+  whether it changed any.
 
   Per axis whose labels overlap, in turn: minor tick labels are removed; a
   log axis gets ticks at 1, 2 and 5 per decade, written plainly (0.002); the
@@ -181,7 +182,7 @@ def declutter(fig: Figure, rounds: int = 4) -> None:
     crowded = [(ax, name, axis) for ax in fig.axes if ax.get_visible()
                for name, axis in _axes_axis(ax) if _overlaps(axis, renderer)]
     if not crowded:
-      return
+      return attempt > 0
     for ax, name, axis in crowded:
       minor = [label for label in _drawn_labels(axis)
                if label in [t.label1 for t in axis.get_minor_ticks()]]
@@ -203,3 +204,4 @@ def declutter(fig: Figure, rounds: int = 4) -> None:
       else:
         count = max(2, len(_drawn_labels(axis)) // 2)
         axis.set_major_locator(ticker.MaxNLocator(count, steps=[1, 2, 5, 10]))
+  return True

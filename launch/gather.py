@@ -168,11 +168,16 @@ def format_table(table: dict[str, Any]) -> str:
   results that vary, then a line with the results that are the same."""
   varied, constant = varying(table)
   header = ['point', 'finished'] + table['swept'] + varied
+
+  def order(row):   # by the swept values, numbers as numbers
+    return [(0, value, '') if _is_number(value) else (1, 0, json.dumps(value))
+            for value in (row['config'].get(key) for key in table['swept'])]
+
   lines = [header] + [
       [row['point'], 'yes' if row['finished'] else 'no'] +
       [_cell(row['config'].get(key)) for key in table['swept']] +
       [_cell(row['results'].get(key)) for key in varied]
-      for row in table['rows']]
+      for row in sorted(table['rows'], key=order)]
   widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
   numeric = [i >= 2 and all(_is_number(_as_number(line[i])) or not line[i]
                             for line in lines[1:]) for i in range(len(header))]
@@ -262,9 +267,10 @@ def draw(table: dict[str, Any], sweep_dir: str,
       ax.set_title(f'{metric}' + (f' (mean over {", ".join(others)})'
                                   if others else ''))
       for (i, j), value in np.ndenumerate(grid):
-        if np.isfinite(value):
+        if np.isfinite(value):   # dark text on the light end of the colours
           ax.text(j, i, f'{value:.3g}', ha='center', va='center',
-                  color='white', fontsize='small')
+                  color='black' if image.norm(value) > 0.6 else 'white',
+                  fontsize='small')
     paths.append(path)
   return paths
 
