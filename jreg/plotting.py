@@ -130,13 +130,17 @@ def _axes_axis(ax):
   return out
 
 
-def _drawn_labels(axis) -> list:
-  """The tick labels an axis draws: visible, with text, inside its view."""
+def _drawn_labels(axis, which: str = 'both') -> list:
+  """The tick labels an axis draws (of `which` ticks: 'major', 'minor',
+  'both'): visible, with text, inside its view."""
   low, high = sorted(axis.get_view_interval())
   slack = 1e-9 * max(abs(low), abs(high), 1e-300)
   labels = []
-  for locs, ticks in ((axis.get_majorticklocs(), axis.get_major_ticks),
-                      (axis.get_minorticklocs(), axis.get_minor_ticks)):
+  kinds = {'major': (axis.get_majorticklocs(), axis.get_major_ticks),
+           'minor': (axis.get_minorticklocs(), axis.get_minor_ticks)}
+  for kind, (locs, ticks) in kinds.items():
+    if which not in ('both', kind):
+      continue
     for loc, tick in zip(locs, ticks(len(locs))):
       label = tick.label1
       if (label.get_visible() and label.get_text().strip()
@@ -168,33 +172,49 @@ def _plain(value, _=None) -> str:
   return f'{value:g}'
 
 
+def _plain_log(axis) -> None:
+  """Minor labels off; over fewer than 3 decades, major ticks at 1, 2 and 5
+  per decade, written plainly (0.002, not 2×10⁻³)."""
+  axis.set_minor_formatter(ticker.NullFormatter())
+  low, high = sorted(axis.get_view_interval())
+  if 0 < low and high / low < 1e3:
+    axis.set_major_locator(ticker.LogLocator(10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(_plain))
+
+
 def declutter(fig: Figure, rounds: int = 4) -> bool:
   """Changes the ticks of `fig` until no two tick labels overlap; returns
   whether it changed any.
 
-  Per axis whose labels overlap, in turn: minor tick labels are removed; a
-  log axis gets ticks at 1, 2 and 5 per decade, written plainly (0.002); the
+  A log axis whose minor ticks are labelled (it spans few decades) gets
+  ticks at 1, 2 and 5 per decade, written plainly (0.002, not 2×10⁻³). Then,
+  per axis whose labels overlap, in turn: minor tick labels are removed; the
   labels are rotated (x axes of 2-D plots); the ticks are fewer.
   """
+  changed = False
+  log_axes = [axis for ax in fig.axes for _, axis in _axes_axis(ax)
+              if axis.get_scale() == 'log']
+  if log_axes:   # labelled minor ticks (few decades): 1, 2, 5, plainly
+    fig.canvas.draw()
+    for axis in log_axes:
+      if _drawn_labels(axis, 'minor'):
+        _plain_log(axis)
+        changed = True
   for attempt in range(rounds):
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     crowded = [(ax, name, axis) for ax in fig.axes if ax.get_visible()
                for name, axis in _axes_axis(ax) if _overlaps(axis, renderer)]
     if not crowded:
-      return attempt > 0
+      return changed or attempt > 0
     for ax, name, axis in crowded:
-      minor = [label for label in _drawn_labels(axis)
-               if label in [t.label1 for t in axis.get_minor_ticks()]]
+      minor = _drawn_labels(axis, 'minor')
       is_log = axis.get_scale() == 'log'
       three_d = hasattr(ax, 'zaxis')
       if attempt == 0 and (minor or is_log):
         axis.set_minor_formatter(ticker.NullFormatter())
         if is_log:
-          low, high = sorted(axis.get_view_interval())
-          if high / max(low, 1e-300) < 1e3:  # few decades: 1, 2, 5 per decade
-            axis.set_major_locator(ticker.LogLocator(10, subs=(1.0, 2.0, 5.0)))
-            axis.set_major_formatter(ticker.FuncFormatter(_plain))
+          _plain_log(axis)
       elif attempt <= 1 and name == 'x' and not three_d:
         for label in axis.get_ticklabels():
           label.set_rotation(30)

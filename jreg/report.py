@@ -55,8 +55,8 @@ UNITS = (
 # then (None, file); others get their file name as the title and no caption.
 CAPTIONS = {
     (None, 'fit.png'): ('The fit', 'Left: the learned function over the '
-                        'training data. Right: the training and validation '
-                        'MSE over the steps.'),
+                        'validation data and the noiseless target. Right: the '
+                        'training and validation MSE over the steps.'),
     (None, 'surface.png'): (
         'The learned cell and its fixed points',
         'The cell f(z; x) (coloured surface) and the plane f = z (grey); where '
@@ -115,7 +115,10 @@ td.number { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 2em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { margin-top: 0.4em; }
-pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+td { overflow-wrap: anywhere; }
+pre { background: #f6f6f6; padding: 0.8em; white-space: pre-wrap;
+      overflow-wrap: anywhere; }
+.unit { color: #666; }
 .ran { color: #176117; } .skipped { color: #8a5a00; } .failed { color: #a11; }
 """
 
@@ -290,7 +293,8 @@ def write_index(workdir: str, entries: Sequence[Mapping[str, Any]], line: str,
     if entry.get('numbers'):
       detail = '<br>'.join(
           f'{html.escape(k)} = {html.escape(_format(v))}'
-          + (f' ({html.escape(unit(k))})' if unit(k) else '')
+          + (f' <span class="unit">{html.escape(unit(k))}</span>'
+             if unit(k) else '')
           for k, v in entry['numbers'].items())
     seconds = entry.get('wall_time_s')
     rows.append([name, html.escape(entry.get('what', '')),
