@@ -259,14 +259,17 @@ def config_change_allowed() -> bool:
 def execute(name: str,
             run_fn: Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]],
             config: ml_collections.ConfigDict, workdir: str,
-            allow_config_change: bool = False) -> Mapping[str, Any]:
+            allow_config_change: bool = False,
+            report: bool = True) -> Mapping[str, Any]:
   """Runs experiment `name` in `workdir` as its command does; returns its results.
 
   Validates the config, checks the global batch against the devices, locks
   the workdir (a second concurrent run is refused), saves the config as
   `workdir/config.json` (a resume under a different one is refused unless
   `allow_config_change`) and shows it in TensorBoard, then calls
-  `run_fn(config, workdir)`.
+  `run_fn(config, workdir)` and, with `report`, writes `workdir/report.html`
+  (`jreg.report`: the numbers with units, the figures, the config, the
+  command).
 
   Raises:
     jreg.errors.UserError: ConfigError, a busy or unusable workdir, a changed
@@ -279,7 +282,11 @@ def execute(name: str,
     rundir.check_config(workdir, config.to_dict(),
                         allow_change=allow_config_change)
     log_config(workdir, config)
-    return run_fn(config, workdir)
+    results = run_fn(config, workdir)
+    if report and jax.process_index() == 0:
+      from jreg import report as report_lib  # pylint: disable=g-import-not-at-top
+      report_lib.write_run_report(workdir, name, config, results)
+    return results
 
 
 def headline(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -294,15 +301,18 @@ def headline(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def main(run_fn: Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]],
-         name: str) -> None:
+         name: str,
+         finish: Callable[[Mapping[str, Any], str], None] | None = None,
+         report: bool = True) -> None:
   """The `__main__` of experiment `name`: the whole command around `run_fn`.
 
   Defines `--config` (default `experiments/configs/NAME.py`, preset `paper`),
   parses it, validates it, joins a multi-host run, checks the global batch
   against the devices, locks the workdir, saves the config as
   `W/config.json` (refusing a resume under a different one unless
-  `--allow_config_change`) and in TensorBoard, calls `run_fn(config, W)` and
-  prints one line with the headline numbers.
+  `--allow_config_change`) and in TensorBoard, calls `run_fn(config, W)`,
+  writes `W/report.html` (unless `report` is False) and prints one line with
+  the headline numbers, or calls `finish(results, W)` instead when given.
   """
   try:
     # Parses the default file and any --config.KEY=VALUE of sys.argv already.
@@ -326,11 +336,18 @@ def main(run_fn: Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]],
     except ConfigError as error:
       raise app.UsageError(str(error)) from None
     workdir = start()
-    results = execute(name, run_fn, config, workdir, ALLOW_CONFIG_CHANGE.value)
+    results = execute(name, run_fn, config, workdir, ALLOW_CONFIG_CHANGE.value,
+                      report=report)
+    if finish is not None:
+      finish(results, workdir)
+      return
     numbers = headline(results)
     shown = dict(list(numbers.items())[:HEADLINE_SIZE])
     more = f' (+{len(numbers) - len(shown)} more)' if len(numbers) > len(shown) else ''
-    print(f'{name} finished in {workdir}: {json.dumps(shown)}{more}', flush=True)
+    page = os.path.join(workdir, 'report.html')
+    where = f'; report: {page}' if report and os.path.isfile(page) else ''
+    print(f'{name} finished in {workdir}: {json.dumps(shown)}{more}{where}',
+          flush=True)
 
   run(command)
 

@@ -444,3 +444,38 @@ def test_gather_refuses_damaged_files(tmp_path):
   assert result.stderr.strip().startswith('error: ')
   assert 'results.json is not readable JSON' in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_gather_draws_only_what_varies_and_prints_the_table(tmp_path):
+  (tmp_path / 'sweep.json').write_text(json.dumps(
+      {'grid': 'model.width=4,8;optimizer.learning_rate=0.5,1.0'}))
+  for width in (4, 8):
+    for rate in (0.5, 1.0):
+      _point(tmp_path, f'w={width},lr={rate}',
+             {'model': {'width': width}, 'optimizer': {'learning_rate': rate},
+              'workdir': f'points/w={width},lr={rate}'},   # varies, not swept
+             {'accuracy': width * rate, 'steps': 100, 'noise_variance': 0.01,
+              'name': 'mlp', 'solver': f's{width}'})
+  table = gather.gather(str(tmp_path))
+  assert table['swept'] == ['model.width', 'optimizer.learning_rate']
+  assert gather.varying(table) == (
+      ['accuracy'], {'steps': 100, 'noise_variance': 0.01, 'name': 'mlp'})
+  paths = gather.draw(table, str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ['heatmap_accuracy.png']
+  with pytest.raises(gather.GatherError, match='not numbers'):
+    gather.draw(table, str(tmp_path), ['solver'])
+
+  result = _launch('launch.gather', f'--sweep_dir={tmp_path}')
+  lines = result.stdout.splitlines()
+  assert lines[0].split() == ['point', 'finished', 'model.width',
+                              'optimizer.learning_rate', 'accuracy']
+  assert set(lines[1]) == {'-', ' '}
+  assert lines[2].split() == ['w=4,lr=0.5', 'yes', '4', '0.5', '2']
+  assert lines[5].split() == ['w=8,lr=1.0', 'yes', '8', '1', '8']
+  # Numbers are right-aligned: the column's last characters line up.
+  ends = {line.index('0.5') + 3 for line in lines[2:6] if '0.5' in line}
+  assert len(ends) == 1
+  assert lines[6] == ('the same at every finished point: steps=100, '
+                      'noise_variance=0.01, name=mlp')
+  assert '4 of 4 points finished' in lines[7]
+  assert not list(tmp_path.glob('heatmap_steps*.png'))
