@@ -382,7 +382,7 @@ def penalized_value_and_grad(
     data_parallel: DataParallel = 'global',
     warmup: 'PenaltyWarmup | None' = None,
 ) -> Callable[..., Any]:
-  """Value and gradient of L + μ‖∇L‖², like `jax.value_and_grad` (argnums=0).
+  """The value L and the gradient of L + μ‖∇L‖², like `jax.value_and_grad`.
 
   The returned function is pure: use it inside `jax.jit` or `jax.pmap` and
   feed its gradient to any optax optimiser.
