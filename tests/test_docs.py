@@ -33,8 +33,9 @@ REQUIRED = os.environ.get('JREG_REQUIRE_DOCS') == '1'
 
 # Public modules that `import jreg` does not import; every other top-level
 # module of jreg/ is internal (`INTERNAL`) or reached from `jreg.__all__`.
-IMPORTED_ON_THEIR_OWN = ('jreg.layers', 'jreg.xla_cpu', 'jreg.plotting')
-INTERNAL = ('jreg.checkpoint', 'jreg.cli', 'jreg.distributed', 'jreg.errors',
+IMPORTED_ON_THEIR_OWN = ('jreg.layers', 'jreg.xla_cpu', 'jreg.plotting',
+                         'jreg.errors')
+INTERNAL = ('jreg.checkpoint', 'jreg.cli', 'jreg.distributed',
             'jreg.metrics', 'jreg.rundir', 'jreg.tasks')
 GUIDE_PAGES = ('architecture', 'data', 'deq', 'gradient_regularization',
                'models', 'reproduction', 'api')

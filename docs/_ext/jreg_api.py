@@ -13,8 +13,9 @@ import inspect
 import pathlib
 import types
 
-# Public modules that `import jreg` does not import (docs/api.md says why).
-IMPORTED_ON_THEIR_OWN = ('jreg.layers', 'jreg.xla_cpu', 'jreg.plotting')
+# Public modules that `import jreg` does not import (docs/api.md lists them).
+IMPORTED_ON_THEIR_OWN = ('jreg.layers', 'jreg.xla_cpu', 'jreg.plotting',
+                         'jreg.errors')
 
 
 def public_modules():
