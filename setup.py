@@ -42,5 +42,10 @@ setuptools.setup(
         'pytest==9.2.0', 'pytest-xdist==3.8.0',
         # Executing the notebooks in notebooks/.
         'nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0',
+    ], 'docs': [
+        # The documentation site: sphinx-build -W --keep-going docs docs/_build/html
+        'sphinx==9.0.4', 'myst-parser==5.2.0', 'myst-nb==1.4.0',
+        'sphinx-book-theme==1.4.0', 'pydata-sphinx-theme==0.20.0',
+        'docutils==0.22.4',
     ]},
 )

@@ -1,6 +1,6 @@
 """jreg: gradient regularisation and Jacobian-regularised deep equilibrium models.
 
-`import jreg` gives the public modules (docs/api.md lists what each exports):
+`import jreg` gives the public modules (docs/api.md lists what each exports)::
 
   jreg.deq                       fixed-point solvers, implicit gradients,
                                  Jacobian penalty, the Haiku `DEQ` layer

@@ -4,8 +4,8 @@ Every error that a user can fix by changing an input (a flag, a file, a
 workdir) derives from `UserError`. Its message is one sentence that says what
 is wrong and what to do; `jreg.cli.run` prints it as `FATAL: <sentence>` and
 exits with status 1 instead of showing a traceback. Errors raised for
-programming mistakes (a wrong argument type in library code) are not
-`UserError`s and keep their traceback.
+programming mistakes (a wrong argument type in library code) are not instances
+of `UserError` and keep their traceback.
 
 Subclasses are defined where they are raised and re-exported there:
 `jreg.data.DataError`, `jreg.train.NonFiniteLossError`,

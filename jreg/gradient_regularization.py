@@ -21,7 +21,7 @@ L itself (`experiments/igr_two_parameter.py` measures both orders).
 
 Explicit gradient regularisation ([BD21] Section 6) trains on L + μ‖∇L‖².
 Every function here takes the coefficient in one of two normalisations, and
-says which:
+says which::
 
     coefficient          μ   multiplies ‖∇L‖² = Σᵢ (∂L/∂θᵢ)²   (sum over parameters)
     regularization_rate  λ   multiplies R_IG = ‖∇L‖²/m        (mean; IGR units)
@@ -382,7 +382,7 @@ def penalized_value_and_grad(
     data_parallel: DataParallel = 'global',
     warmup: 'PenaltyWarmup | None' = None,
 ) -> Callable[..., Any]:
-  """Value and gradient of L + μ‖∇L‖², like `jax.value_and_grad` (argnums=0).
+  """The value L and the gradient of L + μ‖∇L‖², like `jax.value_and_grad`.
 
   The returned function is pure: use it inside `jax.jit` or `jax.pmap` and
   feed its gradient to any optax optimiser.
@@ -416,8 +416,10 @@ def penalized_value_and_grad(
       returned function then takes the keyword `step` (updates applied so far).
 
   Returns:
-    f(params, *args[, step]) -> ((loss, aux), grads) if has_aux else
-    (loss, grads).
+    `f(params, *args[, step]) -> ((loss, aux), grads)` if has_aux else
+    `(loss, grads)`. The loss is the unpenalised L = `loss_fn(params, *args)`
+    (the mean of the k microbatch losses when num_microbatches > 1), not
+    L + μ‖∇L‖²; only the gradient is penalised.
 
   BLOCKS: block j is microbatch j, the examples [j·B/k, (j+1)·B/k) of the
   batch this function sees (on one device of `pmap`, its local batch; with
@@ -465,7 +467,8 @@ def gradient_penalty_grad_fn(
   dropped. With `coefficient=0` the gradient is the plain one and only the
   metrics are added, so a plain-SGD run logs R_IG the same way.
 
-  Metrics added (logged with the loss):
+  Metrics added (logged with the loss)::
+
     'grad_norm_sq'  ‖∇L‖² of the (global, full) batch gradient.
     'r_ig'          R_IG = ‖∇L‖²/m ([BD21] Section 3).
     'igr_rate'      λ = h·m/4 for the given `learning_rate` h (only if given).
@@ -559,7 +562,8 @@ class PenaltyWarmup:
 
       s(t) = min(1, t/T)                                    (linear ramp)
 
-  the strategies are
+  the strategies are::
+
     'lambda'  the strength ramps: α(t) = α·s(t) (family), μ(t) = μ·s(t)
               (exact penalty); the radius r is fixed.
     'r'       the radius ramps: r(t) = r·s(t) with α fixed, so λ = α·r
@@ -567,6 +571,7 @@ class PenaltyWarmup:
               where λ = α·r; undefined for a coefficient μ on ‖∇L‖²).
     'zero'    no penalty while t < T, the full penalty from t = T on:
               s(t) = 1[t >= T].
+
   T = 0 turns the warm-up off (s = 1).
 
   Attributes:
@@ -861,7 +866,7 @@ def finite_difference_value_and_grad(
 ) -> Callable[..., Any]:
   """The finite-difference gradient-penalty family of gnp ([ZZH22]).
 
-  With ĝ = ∇L/‖∇L‖ (ĝ = 0 where ∇L = 0) and a radius r > 0,
+  With ĝ = ∇L/‖∇L‖ (ĝ = 0 where ∇L = 0) and a radius r > 0::
 
       forward:  g = (1 − α)·∇L(θ) + α·∇L(θ + r ĝ)
                   = ∇L + α·(∇L(θ + r ĝ) − ∇L(θ))
@@ -899,12 +904,14 @@ def finite_difference_value_and_grad(
   gⱼ = (1 − αⱼ)∇Lⱼ(θ) + αⱼ∇Lⱼ(θ + r ĝⱼ); α or μ may differ per group.
 
   Data parallelism (`axis_name`, inside `pmap`): `perturbation` says whose
-  gradient sets ĝ:
+  gradient sets ĝ::
+
     'global'      the all-reduced gradient (google-research/sam's
                   sync_perturbations=True); with `inner_group_size`=n, the
                   mean over each group of n consecutive devices (its
                   `inner_group_size`, via `axis_index_groups`).
     'per_device'  each device's own gradient (sync_perturbations=False).
+
   Each device then evaluates its own data at the perturbed point; the returned
   gradient is this device's contribution, to be averaged over `axis_name` by
   the caller (as `jreg.train` does). Under `jax.jit` over a mesh (the
@@ -930,8 +937,8 @@ def finite_difference_value_and_grad(
     warmup: a `PenaltyWarmup`; the returned function then takes `step=t`.
 
   Returns:
-    f(params, *args[, step]) -> ((loss, aux), grads) if has_aux else
-    (loss, grads); loss is L(θ) (mean over groups).
+    `f(params, *args[, step]) -> ((loss, aux), grads)` if has_aux else
+    `(loss, grads)`; loss is L(θ) (mean over groups).
   """
   _check_family_options(radius, difference, perturbation, inner_group_size,
                         num_groups)
@@ -1169,7 +1176,7 @@ def unbiased_penalty_value_and_grad(
     warmup: a `PenaltyWarmup` ('lambda' or 'zero'); then call with `step=t`.
 
   Returns:
-    f(params, *args[, step]) -> ((loss, aux), grads) or (loss, grads).
+    `f(params, *args[, step]) -> ((loss, aux), grads)` or `(loss, grads)`.
   """
   _check_options(method, data_parallel, 1, fd_epsilon)
   _check_splits(num_splits)

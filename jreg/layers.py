@@ -50,14 +50,14 @@ channels on the small [B, C] arrays:
 (Wu & He, "Group Normalization", ECCV 2018). This is the same function as
 `hk.GroupNorm` (which reduces over [B, H, W, G, C/G] in two passes, 10x slower
 on XLA:CPU); it is differentiated by autodiff (forward and reverse mode).
-The one-pass variance loses precision when |mean| >> std (float32 keeps
+The one-pass variance loses precision when `|mean| >> std` (float32 keeps
 about 7 digits of E[x^2]); normalised DEQ activations are far from that.
 
 For bfloat16 / float16 inputs the statistics and the normalisation are
 computed in float32 and only y is rounded to the input's dtype (reductions
 in float32: Micikevicius et al., "Mixed Precision Training", ICLR 2018,
 Sec. 3.3; x * gain + bias in low precision would cancel digits when
-|mean| >> std).
+`|mean| >> std`).
 
 `avg_pool` averages non-overlapping windows (stride = window, 'VALID') as a
 reshape and a mean, [B, H, W, C] -> [B, H/k, k, W/k, k, C] -> mean over both

@@ -7,12 +7,14 @@
   `update(state, batch) -> (state, metrics)`.
 * `Parallel`: how that step is compiled and where state and batches live, in
   one of three modes:
+
     - `single`:  `jax.jit` on one device;
     - `sharded`: `jax.jit` over a `Mesh(('data',))` of every device of every
       process, the batch split along its leading axis (`NamedSharding`), the
       state replicated; XLA inserts the gradient all-reduce;
     - `pmap`:    `jax.pmap(axis_name='data')`, gradients averaged with
       `lax.pmean` explicitly.
+
   `single` and `sharded` compile with `jreg.xla_cpu`'s options (on CPU:
   convolutions by XLA's multi-threaded kernels).
   The three give the same parameters after the same steps on the same global
@@ -204,8 +206,8 @@ def value_and_grad(loss_fn: LossFn) -> GradFn:
   """The plain gradient function of `loss_fn`, in the engine's contract.
 
   Returns:
-    `grad_fn(params, model_state, rng, batch, axis_name=None)
-     -> ((loss, (model_state, metrics)), grads)`. `axis_name` is unused: the
+    `grad_fn(params, model_state, rng, batch, axis_name=None)` returning
+    `((loss, (model_state, metrics)), grads)`. `axis_name` is unused: the
     engine averages gradients over it.
   """
   vg = jax.value_and_grad(loss_fn, has_aux=True)

@@ -1,6 +1,6 @@
 """Deep equilibrium layers with Jacobian regularisation (Bai et al., 2019; 2021).
 
-Public API (stable; additions only):
+Public API (stable; additions only)::
 
   solvers     SolverConfig, SolverStats, solve, fixed_point_iteration,
               anderson, broyden, flatten_batch; the solver registry:

@@ -21,7 +21,7 @@ and gamma_t, mbar_t unchanged on steps without a measurement. Rationale:
     positive whatever the sign of the error;
   * the relative error (m - m*) / m* makes the gain k dimensionless, so the
     same k suits an NFE target (~10) and a spectral-radius target (~0.5);
-    with |(m - m*)/m*| ~ 1, k is the largest change of log gamma per step;
+    with `|(m - m*)/m*|` ~ 1, k is the largest change of log gamma per step;
   * the EMA (decay beta) averages the per-batch noise of m (NFE is an integer
     per batch, the power-iteration estimate is random) before it is
     integrated;

@@ -89,7 +89,7 @@ def spectral_radius(f: Callable[[PyTree], PyTree], z_star: PyTree,
   z*; J^T has the eigenvalues of J, and reverse mode works through cells
   with custom VJPs such as `jreg.layers.conv2d`, which have no JVP) and
   returns exp(mean_{k >= N/2} log ||J v_k||), the geometric-mean growth rate
-  over the second half. This converges to |lambda_max| also when the dominant
+  over the second half. This converges to `|lambda_max|` also when the dominant
   eigenvalues are a complex-conjugate pair (where the single-step ratio
   oscillates); cf. locuslab/deq `lib/jacobian.py::power_method`.
 

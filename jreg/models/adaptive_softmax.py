@@ -16,10 +16,12 @@ clusters `[0, c_0), [c_0, c_1), ..., [c_{C-1}, V)`. Cluster 0 is the head.
 * `AdaptiveLogSoftmax` (Grave et al., "Efficient softmax approximation for
   GPUs", ICML 2017, Sec. 4; projected form of Transformer-XL's
   `ProjectedAdaptiveLogSoftmax`): the head scores the S shortlist tokens and
-  one logit per tail cluster,
+  one logit per tail cluster::
+
       log p(t) = log softmax(head(h))[t]                          (t < c_0)
       log p(t) = log softmax(head(h))[S + i - 1]
                  + log softmax(tail_i(h))[t - l_i]                (t in cluster i >= 1)
+
   with `head(h) = (h @ Q_0) @ [E_0; K]^T + [b_0; k]` and
   `tail_i(h) = (h @ Q_i) @ E_i^T + b_i`; `Q_i: [P, d_i]` are the output
   projections and `K: [C, d_0]`, `k: [C]` the cluster weights and biases. The

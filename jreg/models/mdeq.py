@@ -19,6 +19,7 @@ The cell f_theta is, for every scale i (Sec. 3.2 of the MDEQ paper):
      2^(j-i)) and a finer one j < i is downsampled (j-i strided 3x3 convs with
      GroupNorm, ReLU between them);
   3. post-fusion: ReLU, 1x1 conv, GroupNorm (no affine).
+
 The convolutions of the residual blocks and of the post-fusion step carry
 weight normalisation (`WeightNormConv2D`, w = g * v / ||v||), as in the
 reference (`WNORM: true`).
@@ -35,7 +36,8 @@ Deviations from the reference, all deliberate (see BUILD_NOTES.md (MDEQ)):
     `init_weights`; the stem's and head's with fan-in variance scaling (with
     N(0, 0.01) there, training at Adam 1e-3 collapsed to chance here).
 
-Glossary of shape letters:
+Glossary of shape letters::
+
   B: batch size.
   H, W: image height and width; H_i = H0 / 2**i, W_i = W0 / 2**i at scale i,
     where H0 = H / 2**downsample_times is the finest equilibrium resolution.
@@ -105,7 +107,8 @@ def mdeq_config(name: str) -> MDEQConfig:
   """Named MDEQ architectures.
 
   Args:
-    name: one of
+    name: one of::
+
       'cifar10': the JR paper's CIFAR-10 MDEQ (Table 4: 4 scales, channels
         [28, 56, 112, 224]; expansion 5, 4 groups (28 is not divisible by
         the reference 8), weight norm as in the
