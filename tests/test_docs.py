@@ -36,7 +36,7 @@ REQUIRED = os.environ.get('JREG_REQUIRE_DOCS') == '1'
 IMPORTED_ON_THEIR_OWN = ('jreg.layers', 'jreg.xla_cpu', 'jreg.plotting',
                          'jreg.errors')
 INTERNAL = ('jreg.checkpoint', 'jreg.cli', 'jreg.distributed',
-            'jreg.metrics', 'jreg.rundir', 'jreg.tasks')
+            'jreg.metrics', 'jreg.report', 'jreg.rundir', 'jreg.tasks')
 GUIDE_PAGES = ('architecture', 'data', 'deq', 'gradient_regularization',
                'models', 'reproduction', 'api')
 
