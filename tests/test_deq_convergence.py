@@ -207,3 +207,36 @@ def test_readme_deq_example_converges():
   with warnings.catch_warnings():
     warnings.simplefilter('error', deq.ConvergenceWarning)  # raised in the run
     exec(compile(blocks[0], 'README.md', 'exec'), {'__name__': 'readme'})  # pylint: disable=exec-used
+
+
+def test_task_logs_a_line_for_unconverged_training_steps(caplog):
+  from jreg.tasks import deq as deq_task  # pylint: disable=g-import-not-at-top
+
+  def grad_fn(params, model_state, rng, batch, axis_name=None):
+    del rng, axis_name
+    metrics = {'forward_converged_fraction': 1.0 - batch,
+               'forward_rel_residual': 0.01 * batch,
+               'backward_converged_fraction': jnp.ones([])}
+    return (jnp.zeros([]), (model_state, metrics)), params
+
+  step = jax.jit(deq_task.log_unconverged(
+      grad_fn, log_every=3, forward_max_iter=20, backward_max_iter=30))
+  with caplog.at_level('WARNING'):
+    for fraction in (0.0, 0.25, 0.125, 0.0, 0.0, 0.0):
+      jax.block_until_ready(step({}, {}, None, jnp.float32(fraction)))
+  lines = [r.getMessage() for r in caplog.records if 'DEQ solves' in r.getMessage()]
+  assert lines == [
+      'DEQ solves were unconverged in 2 of the last 3 training steps: forward '
+      'up to 25.0% of examples (mean rel residual up to 0.0025, budget '
+      'deq.forward.max_iter=20).']
+
+
+@pytest.mark.parametrize('module, preset', [('deq_cifar10', 'small'),
+                                            ('deq_wikitext', 'small')])
+def test_task_budgets_come_from_the_config(module, preset):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from jreg.tasks import deq as deq_task  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'experiments.configs.{module}').get_config(preset)
+  wrapped = deq_task.log_unconverged_from_config(lambda *a: None, config)
+  assert wrapped.monitor.forward_max_iter == config.deq.forward.max_iter
+  assert wrapped.monitor.log_every == config.log_every
