@@ -33,9 +33,10 @@ does this for Haiku models: it hands each `DEQ` a probe at trace time.
 Unconverged solves. When the forward solve, or the implicit backward solve,
 ends with examples whose residual (by `stop_mode`) is above its `tol` (> 0),
 the layer says so at run time, under `jax.jit`, `jax.grad` and `pmap` too:
-one `jax.debug.callback` per solve hands the host three scalars (the count
-of unconverged examples, the largest residual, the NFE), and the host acts by
-the solve's `SolverConfig.on_unconverged`: 'warn' issues a
+a `jax.debug.callback`, run (under `lax.cond`) only for an unconverged
+solve, hands the host three scalars (the count of unconverged examples, the
+largest residual, the NFE), and the host acts by the solve's
+`SolverConfig.on_unconverged`: 'warn' issues a
 `ConvergenceWarning` naming the fraction of examples unconverged, the
 residual reached and the budget (the 1st, 10th, 100th, ... unconverged solve
 of each layer and direction in a process, so that a training loop is not
@@ -43,7 +44,10 @@ flooded); 'raise' raises `ConvergenceError` with the same sentence every time
 (under `jax.jit` the runtime re-raises it as `jax.errors.JaxRuntimeError`, a
 `RuntimeError` whose message contains the sentence); 'ignore' does nothing.
 Under `vmap` and `pmap` the callback runs once per mapped example or device,
-each with its own share of the batch.
+each with its own share of the batch. Cost: a jitted function that contains a
+host callback leaves JAX's C++ dispatch path for the Python one, about 0.3 ms
+per call on CPU whether or not the callback runs; 'ignore' on both solves
+compiles no callback.
 """
 import functools
 import warnings
@@ -158,8 +162,7 @@ def report_unconverged(stats: solvers.SolverStats,
   count = jnp.sum(missed.astype(jnp.int32))
   host = functools.partial(_on_host, label, direction, config,
                            int(stats.converged.shape[0]))
-  # The callback runs only for an unconverged solve: a host callback costs
-  # the step a round trip to the host (measured: BUILD_NOTES.md).
+  # Only an unconverged solve pays the callback's round trip to the host.
   jax.lax.cond(count > 0,
                lambda: jax.debug.callback(host, count, worst, stats.nfe),
                lambda: None)
