@@ -10,7 +10,10 @@ Public API (stable; additions only)::
   krylov      gmres, bicgstab (affine maps only: the backward solve;
               registered as 'gmres', 'bicgstab')
   implicit    BackwardConfig, fixed_point, unrolled_fixed_point,
-              probe_to_metrics, STATS_PROBE_SIZE, fixed_point_states
+              probe_to_metrics, STATS_PROBE_SIZE, fixed_point_states;
+              unconverged solves and mismatched states: ConvergenceWarning,
+              ConvergenceError, StateMismatchError,
+              reset_convergence_reports
   correction  fp_correction, correction_weights, state_indices
   reversible  reversible_iteration, reversible_fixed_point (exact O(1)-memory
               backward of BackwardConfig(mode='reversible'))
@@ -28,9 +31,13 @@ from jreg.deq.correction import correction_weights
 from jreg.deq.correction import fp_correction
 from jreg.deq.correction import state_indices
 from jreg.deq.implicit import BackwardConfig
+from jreg.deq.implicit import ConvergenceError
+from jreg.deq.implicit import ConvergenceWarning
 from jreg.deq.implicit import fixed_point
 from jreg.deq.implicit import fixed_point_states
 from jreg.deq.implicit import probe_to_metrics
+from jreg.deq.implicit import reset_convergence_reports
+from jreg.deq.implicit import StateMismatchError
 from jreg.deq.implicit import STATS_PROBE_SIZE
 from jreg.deq.implicit import unrolled_fixed_point
 from jreg.deq.jacobian import jacobian_frobenius_estimate
@@ -76,4 +83,6 @@ __all__ = (
     'RegisteredSolver', 'bicgstab', 'fixed_point_loop', 'get_solver', 'gmres',
     'point_stats', 'register_solver', 'registered_solvers', 'residuals',
     'unregister_solver',
+    'ConvergenceError', 'ConvergenceWarning', 'StateMismatchError',
+    'reset_convergence_reports',
 )

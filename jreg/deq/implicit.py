@@ -29,13 +29,34 @@ that does not influence the output; the backward pass returns as its
 so `jax.grad` with respect to the probe yields the backward solver's
 statistics (zero if the backward pass did not run). `jreg.deq.value_and_grad`
 does this for Haiku models: it hands each `DEQ` a probe at trace time.
+
+Unconverged solves. When the forward solve, or the implicit backward solve,
+ends with examples whose residual (by `stop_mode`) is above its `tol` (> 0),
+the layer says so at run time, under `jax.jit`, `jax.grad` and `pmap` too:
+a `jax.debug.callback`, run (under `lax.cond`) only for an unconverged
+solve, hands the host three scalars (the count of unconverged examples, the
+largest residual, the NFE), and the host acts by the solve's
+`SolverConfig.on_unconverged`: 'warn' issues a
+`ConvergenceWarning` naming the fraction of examples unconverged, the
+residual reached and the budget (the 1st, 10th, 100th, ... unconverged solve
+of each layer and direction in a process, so that a training loop is not
+flooded); 'raise' raises `ConvergenceError` with the same sentence every time
+(under `jax.jit` the runtime re-raises it as `jax.errors.JaxRuntimeError`, a
+`RuntimeError` whose message contains the sentence); 'ignore' does nothing.
+Under `vmap` and `pmap` the callback runs once per mapped example or device,
+each with its own share of the batch. Cost: a jitted function that contains a
+host callback leaves JAX's C++ dispatch path for the Python one, about 0.3 ms
+per call on CPU whether or not the callback runs; 'ignore' on both solves
+compiles no callback.
 """
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from jreg import errors
 from jreg.deq import precision
 from jreg.deq import solvers
 
@@ -59,6 +80,133 @@ class BackwardConfig(NamedTuple):
       name='fixed_point', max_iter=30, tol=1e-4)
   phantom_steps: int = 5
   phantom_damping: float = 0.5
+
+
+class ConvergenceWarning(UserWarning):
+  """A DEQ's forward or backward solve ended with examples above its tolerance."""
+
+
+class ConvergenceError(errors.UserError, RuntimeError):
+  """A solve with `on_unconverged='raise'` ended with examples above its tolerance."""
+
+
+class StateMismatchError(errors.UserError, ValueError):
+  """The cell's output differs from z0 in structure, shape or dtype."""
+
+
+# Unconverged solves seen per (layer, direction) in this process; the 1st,
+# 10th, 100th, ... of each issue a ConvergenceWarning.
+_UNCONVERGED_SOLVES: dict[tuple[str, str], int] = {}
+
+
+def reset_convergence_reports() -> None:
+  """Forgets the unconverged solves counted so far (the next one warns again)."""
+  _UNCONVERGED_SOLVES.clear()
+
+
+def unconverged_message(label: str, direction: str,
+                        config: solvers.SolverConfig, unconverged: int,
+                        batch: int, residual: float, nfe: int) -> str:
+  """The one sentence that reports an unconverged solve."""
+  return (f'{label}: the {direction} solve left {unconverged} of {batch} '
+          f'examples unconverged ({unconverged / max(batch, 1):.1%}) after '
+          f'{nfe} evaluations of a budget of max_iter={config.max_iter} '
+          f'({config.name}), with {config.stop_mode} residual up to '
+          f'{residual:.3g} > tol={config.tol:g}; raise max_iter, loosen tol or '
+          'make the cell more contractive (e.g. with the Jacobian penalty).')
+
+
+def _on_host(label, direction, config, batch, unconverged, residual, nfe):
+  """The host side of `report_unconverged`'s callback."""
+  unconverged = int(unconverged)
+  if unconverged <= 0:
+    return
+  message = unconverged_message(label, direction, config, unconverged, batch,
+                                float(residual), int(nfe))
+  if config.on_unconverged == 'raise':
+    raise ConvergenceError(message)
+  key = (label, direction)
+  count = _UNCONVERGED_SOLVES.get(key, 0) + 1
+  _UNCONVERGED_SOLVES[key] = count
+  if count == 10 ** (len(str(count)) - 1):  # 1, 10, 100, ...
+    if count > 1:
+      message = (f'{message[:-1]} (unconverged {direction} solve number '
+                 f'{count} of this layer; the 1st, 10th, 100th, ... are '
+                 'reported).')
+    warnings.warn(message, ConvergenceWarning)
+
+
+def report_unconverged(stats: solvers.SolverStats,
+                       config: solvers.SolverConfig, label: str,
+                       direction: str) -> None:
+  """Warns or raises at run time if `stats` has unconverged examples.
+
+  Acts by `config.on_unconverged` (module docstring); nothing for 'ignore' or
+  `tol == 0` (a budget run out on purpose).
+
+  Args:
+    stats: the solve's statistics ([B] per-example fields).
+    config: the solve's settings.
+    label: names the layer in the message, e.g. "DEQ 'model/deq'".
+    direction: 'forward' or 'backward'.
+  """
+  if config.on_unconverged not in solvers.ON_UNCONVERGED:
+    raise ValueError(f'SolverConfig.on_unconverged must be one of '
+                     f'{solvers.ON_UNCONVERGED}, got {config.on_unconverged!r}.')
+  if config.on_unconverged == 'ignore' or not config.tol > 0:
+    return
+  missed = ~stats.converged
+  residual = (stats.abs_residual if config.stop_mode == 'abs'
+              else stats.rel_residual).astype(jnp.float32)
+  worst = jnp.max(jnp.where(missed, residual, -jnp.inf))
+  count = jnp.sum(missed.astype(jnp.int32))
+  host = functools.partial(_on_host, label, direction, config,
+                           int(stats.converged.shape[0]))
+  # Only an unconverged solve pays the callback's round trip to the host.
+  jax.lax.cond(count > 0,
+               lambda: jax.debug.callback(host, count, worst, stats.nfe),
+               lambda: None)
+
+
+def _shapes(tree) -> str:
+  """'(4, 8) float32' for one array, else the list of the leaves' shapes."""
+  leaves = [jax.ShapeDtypeStruct(jnp.shape(l), jnp.result_type(l))
+            for l in jax.tree.leaves(tree)]
+  text = [f'{tuple(l.shape)} {l.dtype}' for l in leaves]
+  return text[0] if len(text) == 1 else '[' + ', '.join(text) + ']'
+
+
+def checked_cell(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
+                 label: str) -> Callable[[PyTree, PyTree, PyTree], PyTree]:
+  """`cell` that refuses, at trace time, an output unlike its state z.
+
+  A fixed point z* = f(z*, x) needs f's output to have z0's pytree
+  structure, shapes and dtypes; otherwise the solvers fail deep inside
+  (`TypeError: sub got incompatible shapes for broadcasting`). The check
+  costs nothing at run time.
+
+  Raises:
+    StateMismatchError: one sentence naming z0, the cell's output and x.
+  """
+
+  def cell_checked(params, z, x):
+    out = cell(params, z, x)
+    z_leaves, z_tree = jax.tree.flatten(z)
+    out_leaves, out_tree = jax.tree.flatten(out)
+    same = z_tree == out_tree and all(
+        jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
+        for a, b in zip(z_leaves, out_leaves))
+    if not same:
+      structure = ('' if z_tree == out_tree else
+                   f' (structure {out_tree} where z0 has {z_tree})')
+      raise StateMismatchError(
+          f'{label}: the cell maps z0 of {_shapes(z)} to an output of '
+          f'{_shapes(out)}{structure}, with x of {_shapes(x)}; a fixed point '
+          'needs the output shaped and typed like z0, so give z0 the shape '
+          'and dtype of the cell\'s output or change the cell.')
+    return out
+
+  return cell_checked
 
 
 def backward_nfe_if_fixed(config: BackwardConfig) -> Optional[int]:
@@ -93,19 +241,20 @@ def _fixed_point_impl(cell, forward, params, x, z0):
   return solvers.solve(f, jax.lax.stop_gradient(z0), forward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fixed_point(cell, forward, backward, params, x, z0, stats_probe):
-  del backward, stats_probe
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fixed_point(cell, forward, backward, label, params, x, z0, stats_probe):
+  del backward, label, stats_probe
   return _fixed_point_impl(cell, forward, params, x, z0)
 
 
-def _fixed_point_fwd(cell, forward, backward, params, x, z0, stats_probe):
-  del backward
+def _fixed_point_fwd(cell, forward, backward, label, params, x, z0,
+                     stats_probe):
+  del backward, label
   z_star, stats = _fixed_point_impl(cell, forward, params, x, z0)
   return (z_star, stats), (params, x, z_star, z0, stats_probe)
 
 
-def _fixed_point_bwd(cell, forward, backward, residuals, cotangents):
+def _fixed_point_bwd(cell, forward, backward, label, residuals, cotangents):
   del forward
   params, x, z_star, z0, stats_probe = residuals
   g = cotangents[0]  # dl/dz*, same pytree as z*; stats cotangents are ignored
@@ -114,6 +263,7 @@ def _fixed_point_bwd(cell, forward, backward, residuals, cotangents):
     _, vjp_all = jax.vjp(lambda p, z, xx: cell(p, z, xx), params, z_star, x)
     h = lambda u: jax.tree.map(jnp.add, vjp_all(u)[1], g)
     u, bstats = solvers.solve(h, _zeros_like_tree(g), backward.solver)
+    report_unconverged(bstats, backward.solver, label, 'backward')
     g_params, _, g_x = vjp_all(u)
     probe_ct = stats_probe_values(bstats).astype(stats_probe.dtype)
   elif backward.mode in ('phantom', 'jfb'):
@@ -144,8 +294,12 @@ def fixed_point(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
                 forward: solvers.SolverConfig = solvers.SolverConfig(),
                 backward: BackwardConfig = BackwardConfig(),
                 stats_probe: Optional[jax.Array] = None,
-                compute_dtype=None):
+                compute_dtype=None, name: Optional[str] = None):
   """Solves z* = cell(params, z*, x) and differentiates by `backward`.
+
+  A solve that ends with examples above its tolerance warns or raises at run
+  time, by `forward.on_unconverged` / `backward.solver.on_unconverged`
+  (module docstring).
 
   Args:
     cell: pure function (params, z, x) -> z-like pytree; batched over axis 0.
@@ -163,20 +317,35 @@ def fixed_point(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
     compute_dtype: None, 'bfloat16' or 'float16': evaluate the cell (and its
       VJPs) in that dtype, solver state and gradients in float32
       (`jreg.deq.precision.mixed_precision_cell`).
+    name: names the layer in warnings and errors (`DEQ` passes its module
+      path); None: 'jreg.deq.fixed_point'.
 
   Returns:
     (z*, SolverStats of the forward solve).
+
+  Raises:
+    StateMismatchError: (at trace time) the cell's output is not shaped and
+      typed like z0.
   """
-  cell = precision.mixed_precision_cell(cell, compute_dtype)
+  label = _label(name)
+  cell = checked_cell(precision.mixed_precision_cell(cell, compute_dtype),
+                      label)
   solvers.get_solver(forward.name, nonlinear=True)  # refuses affine-only ones
   if backward.mode == 'reversible':
     from jreg.deq import reversible  # pylint: disable=g-import-not-at-top
-    return reversible.reversible_fixed_point(cell, params, x, z0,
-                                             forward=forward,
-                                             stats_probe=stats_probe)
-  if stats_probe is None:
-    stats_probe = jnp.zeros((STATS_PROBE_SIZE,), jnp.float32)
-  return _fixed_point(cell, forward, backward, params, x, z0, stats_probe)
+    z_star, stats = reversible.reversible_fixed_point(
+        cell, params, x, z0, forward=forward, stats_probe=stats_probe)
+  else:
+    if stats_probe is None:
+      stats_probe = jnp.zeros((STATS_PROBE_SIZE,), jnp.float32)
+    z_star, stats = _fixed_point(cell, forward, backward, label, params, x,
+                                 z0, stats_probe)
+  report_unconverged(stats, forward, label, 'forward')
+  return z_star, stats
+
+
+def _label(name: Optional[str], default: str = 'jreg.deq.fixed_point') -> str:
+  return default if name is None else f'DEQ {name!r}'
 
 
 @jax.custom_vjp
@@ -210,7 +379,8 @@ def report_exact_backward(z: PyTree, stats_probe: jax.Array,
 
 
 def unrolled_fixed_point(cell, params, x, z0, num_steps: int, *,
-                         tol: float = 0.0, stop_mode: str = 'rel'):
+                         tol: float = 0.0, stop_mode: str = 'rel',
+                         name: Optional[str] = None):
   """Weight-tied unrolled pre-training: z_{k+1} = cell(params, z_k, x), k < N.
 
   Ordinary backprop through all N applications (Bai et al., 2021, Sec. 5:
@@ -223,6 +393,7 @@ def unrolled_fixed_point(cell, params, x, z0, num_steps: int, *,
   """
   if num_steps < 1:
     raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
+  cell = checked_cell(cell, _label(name, 'jreg.deq.unrolled_fixed_point'))
   z_prev, z = None, z0
   for _ in range(num_steps):
     z_prev, z = z, cell(params, z, x)
@@ -241,21 +412,22 @@ def unrolled_fixed_point(cell, params, x, z0, num_steps: int, *,
 # gradient of its own.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _state_with_gradient(cell, backward, params, x, z, stats_probe):
-  del cell, backward, params, x, stats_probe
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _state_with_gradient(cell, backward, label, params, x, z, stats_probe):
+  del cell, backward, label, params, x, stats_probe
   return z
 
 
-def _state_with_gradient_fwd(cell, backward, params, x, z, stats_probe):
-  del cell, backward
+def _state_with_gradient_fwd(cell, backward, label, params, x, z,
+                             stats_probe):
+  del cell, backward, label
   return z, (params, x, z, stats_probe)
 
 
-def _state_with_gradient_bwd(cell, backward, residuals, g):
+def _state_with_gradient_bwd(cell, backward, label, residuals, g):
   params, x, z, stats_probe = residuals
   g_params, g_x, g_z, probe_ct = _fixed_point_bwd(
-      cell, None, backward, (params, x, z, z, stats_probe), (g, None))
+      cell, None, backward, label, (params, x, z, z, stats_probe), (g, None))
   return g_params, g_x, g_z, probe_ct
 
 
@@ -267,7 +439,8 @@ def fixed_point_states(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
                        indices: tuple, *,
                        forward: solvers.SolverConfig = solvers.SolverConfig(),
                        backward: BackwardConfig = BackwardConfig(),
-                       stats_probe: Optional[jax.Array] = None):
+                       stats_probe: Optional[jax.Array] = None,
+                       name: Optional[str] = None):
   """z* = cell(params, z*, x) and the solver's states after `indices` evaluations.
 
   One forward solve records, for each k in `indices` (static, each in
@@ -283,7 +456,8 @@ def fixed_point_states(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
   value of a sampled state; here the value is z_k itself.
 
   Args:
-    cell, params, x, z0, forward, backward, stats_probe: as `fixed_point`;
+    cell, params, x, z0, forward, backward, stats_probe, name: as
+      `fixed_point`;
       the probe's gradient sums the backward statistics over the states
       (its NFE entry is the total number of backward VJPs).
     indices: tuple of evaluation counts of the intermediate states.
@@ -300,15 +474,19 @@ def fixed_point_states(cell: Callable[[PyTree, PyTree, PyTree], PyTree],
                      "'implicit', 'phantom' or 'jfb'.")
   if not indices:
     z_star, stats = fixed_point(cell, params, x, z0, forward=forward,
-                                backward=backward, stats_probe=stats_probe)
+                                backward=backward, stats_probe=stats_probe,
+                                name=name)
     return [z_star], stats
+  label = _label(name)
+  cell = checked_cell(cell, label)
   frozen_params, frozen_x = jax.lax.stop_gradient((params, x))
   f = lambda z: cell(frozen_params, z, frozen_x)
   z_star, stats, states = solvers.solve(f, jax.lax.stop_gradient(z0), forward,
                                         record=indices)
   phantom = backward._replace(mode='phantom')
-  out = [_state_with_gradient(cell, phantom, params, x, z, stats_probe)
+  report_unconverged(stats, forward, label, 'forward')
+  out = [_state_with_gradient(cell, phantom, label, params, x, z, stats_probe)
          for z in states]
-  out.append(_state_with_gradient(cell, backward, params, x, z_star,
+  out.append(_state_with_gradient(cell, backward, label, params, x, z_star,
                                   stats_probe))
   return out, stats

@@ -85,7 +85,9 @@ class DEQ(hk.Module):
   `info` is a flat dict of scalars:
     forward_nfe, forward_abs_residual, forward_rel_residual (batch means),
     forward_converged_fraction, forward_unconverged (count of examples whose
-    residual is above tol: never hidden);
+    residual is above tol: never hidden), forward_max_iter (the budget:
+    `forward.max_iter`, or N for unrolled calls);
+    backward_max_iter (mode 'implicit': `backward.solver.max_iter`);
     backward_nfe (only for 'phantom'/'jfb', where it is a constant, and for
     unrolled calls without a probe: N; with backward modes 'implicit' and
     'reversible' the backward stats come from `jreg.deq.value_and_grad`
@@ -105,8 +107,14 @@ class DEQ(hk.Module):
                report_backward_stats: bool = True,
                supervise_states: Optional[Union[int, Sequence[int]]] = None,
                compute_dtype=None,
+               on_unconverged: Optional[str] = None,
                name: Optional[str] = None):
     """Builds the layer.
+
+    A forward or backward solve that ends with examples above its tolerance
+    issues a `jreg.deq.ConvergenceWarning` at run time (or raises
+    `ConvergenceError`, or nothing: `on_unconverged`); `jreg.deq.implicit`
+    has the details. The solves at `init` say nothing.
 
     Args:
       cell: f(z, x) -> z-like pytree, ordinary Haiku code (a function that
@@ -142,10 +150,22 @@ class DEQ(hk.Module):
         the solvers' arithmetic stay float32
         (`jreg.deq.precision.mixed_precision_cell`; Micikevicius et al.,
         ICLR 2018). Parameters are created by the uncast cell, in float32.
+      on_unconverged: None (each solve's own `SolverConfig.on_unconverged`,
+        'warn' by default), or 'warn', 'raise' or 'ignore' for both the
+        forward and the backward solve. 'raise' raises
+        `jreg.deq.ConvergenceError`; under `jax.jit` the caller sees
+        `jax.errors.JaxRuntimeError` (a `RuntimeError`) with the same sentence.
       name: module name.
     """
     super().__init__(name=name)
     self._cell = hk.without_apply_rng(hk.transform(cell))
+    if on_unconverged is not None:
+      if on_unconverged not in solvers.ON_UNCONVERGED:
+        raise ValueError(f'on_unconverged must be one of '
+                         f'{solvers.ON_UNCONVERGED}, got {on_unconverged!r}.')
+      forward = forward._replace(on_unconverged=on_unconverged)
+      backward = backward._replace(solver=backward.solver._replace(
+          on_unconverged=on_unconverged))
     self.forward_config = forward
     self.backward_config = backward
     self.unrolled_steps = unrolled_steps
@@ -178,6 +198,10 @@ class DEQ(hk.Module):
     Returns:
       (z*, info dict of scalars); with `supervise_states`,
       ([z_{k_1}, ..., z*], info).
+
+    Raises:
+      StateMismatchError: (at trace time) the cell's output is not shaped
+        and typed like z0.
     """
     init_rng = hk.next_rng_key() if hk.running_init() else None
     params = hk.lift(self._cell.init, name='cell', allow_reuse=True)(
@@ -189,30 +213,42 @@ class DEQ(hk.Module):
     if self.report_backward_stats and slots is not None:
       probe = slots.probe(self.module_name)
 
+    forward, backward = self.forward_config, self.backward_config
+    if hk.running_init():  # untrained parameters: nothing to report
+      forward = forward._replace(on_unconverged='ignore')
+      backward = backward._replace(solver=backward.solver._replace(
+          on_unconverged='ignore'))
     info = {}
     if unrolled:
       z_star, stats = implicit.unrolled_fixed_point(
           cell, params, x, z0, self.unrolled_steps,
-          tol=self.forward_config.tol, stop_mode=self.forward_config.stop_mode)
+          tol=self.forward_config.tol, stop_mode=self.forward_config.stop_mode,
+          name=self.module_name)
       if probe is not None:
         z_star = implicit.report_exact_backward(z_star, probe,
                                                 self.unrolled_steps)
       else:
         info['backward_nfe'] = jnp.asarray(self.unrolled_steps, jnp.float32)
+      budget = self.unrolled_steps
     else:
       indices = () if self.supervise_states is None else (
           correction.state_indices(self.forward_config.max_iter,
                                    self.supervise_states)[:-1])
       z_states, stats = implicit.fixed_point_states(
-          cell, params, x, z0, indices, forward=self.forward_config,
-          backward=self.backward_config, stats_probe=probe)
+          cell, params, x, z0, indices, forward=forward, backward=backward,
+          stats_probe=probe, name=self.module_name)
       z_star = z_states[-1]
       fixed_nfe = implicit.backward_nfe_if_fixed(self.backward_config)
       if fixed_nfe is not None:  # each supervised state adds its phantom VJPs
         info['backward_nfe'] = jnp.asarray(
             fixed_nfe + len(indices) * self.backward_config.phantom_steps,
             jnp.float32)
+      if self.backward_config.mode == 'implicit':
+        info['backward_max_iter'] = jnp.asarray(
+            self.backward_config.solver.max_iter, jnp.float32)
+      budget = self.forward_config.max_iter
     info.update(stats.as_metrics('forward_'))
+    info['forward_max_iter'] = jnp.asarray(budget, jnp.float32)
 
     if jacobian_loss is not False or spectral_radius is not False:
       if rng is None:

@@ -112,6 +112,12 @@ class SolverConfig(NamedTuple):
     unroll: straight-line loop of exactly max_iter evaluations (see above).
     restart: GMRES restart length m (Krylov vectors per cycle); None: as
       many as the budget allows (max_iter - 2).
+    on_unconverged: what a DEQ layer (`jreg.deq.fixed_point`, `DEQ`) does
+      when this solve ends with examples above `tol` (`tol > 0`): 'warn'
+      (a `jreg.deq.ConvergenceWarning` at run time), 'raise' (a
+      `jreg.deq.ConvergenceError`; under `jax.jit` the runtime hands it on
+      as `jax.errors.JaxRuntimeError` with the same sentence) or 'ignore'.
+      The solvers themselves (`solve`, ...) only return the statistics.
   """
   name: str = 'anderson'
   max_iter: int = 30
@@ -124,6 +130,10 @@ class SolverConfig(NamedTuple):
   unroll: bool = False
   ridge_relative: bool = True
   restart: Optional[int] = None
+  on_unconverged: str = 'warn'
+
+
+ON_UNCONVERGED = ('warn', 'raise', 'ignore')
 
 
 def flatten_batch(tree: PyTree):

@@ -12,11 +12,15 @@ steps; `linear_ramp` is the schedule both follow when a paper ramps them.
 With `jacobian.adaptive` set, gamma is instead adapted during training to hold
 a measured quantity at `jacobian.target` (`controller_config`,
 `adaptive_weight`; the law is in `jreg.deq.adaptive`).
+
+`log_unconverged` wraps a DEQ task's training `grad_fn` so that the run's log
+gets a warning line when training steps' solves ended unconverged.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -209,3 +213,114 @@ def linear_ramp(start: float, end: float, steps: int,
   """
   frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
   return start + (end - start) * frac
+
+
+class UnconvergedLog:
+  """Host side of `log_unconverged`: a window of training steps.
+
+  `step(...)` is called once per training step with the step's unconverged
+  fractions and mean residuals; after every `log_every` steps, if any step
+  of the window had unconverged examples, one warning line is logged and
+  returned (None otherwise), and the window restarts.
+  """
+
+  def __init__(self, log_every: int, forward_max_iter: int,
+               backward_max_iter: int | None, stop_mode: str = 'rel'):
+    self.log_every = max(int(log_every), 1)
+    self.forward_max_iter = forward_max_iter
+    self.backward_max_iter = backward_max_iter
+    self.stop_mode = stop_mode
+    self._reset()
+
+  def _reset(self):
+    self.steps = self.unconverged_steps = 0
+    self.worst = {'forward': (0.0, 0.0), 'backward': (0.0, 0.0)}
+
+  def step(self, forward_fraction, backward_fraction, forward_residual,
+           backward_residual) -> str | None:
+    self.steps += 1
+    fractions = {'forward': (float(forward_fraction), float(forward_residual)),
+                 'backward': (float(backward_fraction),
+                              float(backward_residual))}
+    if any(f > 0 for f, _ in fractions.values()):
+      self.unconverged_steps += 1
+    for key, (fraction, residual) in fractions.items():
+      if fraction > 0:
+        old = self.worst[key]
+        self.worst[key] = (max(old[0], fraction), max(old[1], residual))
+    if self.steps < self.log_every:
+      return None
+    line = None
+    if self.unconverged_steps:
+      parts = []
+      for key, budget in (('forward', self.forward_max_iter),
+                          ('backward', self.backward_max_iter)):
+        fraction, residual = self.worst[key]
+        if fraction > 0:
+          parts.append(f'{key} up to {fraction:.1%} of examples (mean '
+                       f'{self.stop_mode} residual up to {residual:.3g}, '
+                       f'budget deq.{key}.max_iter={budget})')
+      line = (f'DEQ solves were unconverged in {self.unconverged_steps} of the '
+              f'last {self.steps} training steps: {"; ".join(parts)}.')
+      logging.warning('%s', line)
+    self._reset()
+    return line
+
+
+def log_unconverged(grad_fn: Callable, *, log_every: int,
+                    forward_max_iter: int, backward_max_iter: int | None,
+                    stop_mode: str = 'rel') -> Callable:
+  """A training `grad_fn` that logs a warning line for unconverged solves.
+
+  Reads the metrics `jreg.deq.DEQ` and `jreg.deq.value_and_grad` add
+  (`forward_converged_fraction`, `backward_converged_fraction`, the mean
+  residuals) and hands them to an `UnconvergedLog` on the host with one
+  `jax.debug.callback` per step (under `pmap`: averaged over the devices,
+  from the first device only): every `log_every` steps the log says, if
+  any step of those had unconverged examples, how many, the largest
+  unconverged fraction, residual and the budget of each direction.
+  Backward modes without a backward solve report no backward fraction.
+
+  Args:
+    grad_fn: `jreg.train`'s grad_fn contract, with DEQ metrics.
+    log_every: steps per window (the run's `log_every`).
+    forward_max_iter, backward_max_iter: the budgets, for the message.
+    stop_mode: the residual reported ('rel' or 'abs').
+
+  Returns:
+    grad_fn with the same outputs.
+  """
+  monitor = UnconvergedLog(log_every, forward_max_iter, backward_max_iter,
+                           stop_mode)
+
+  def wrapped(params, model_state, rng, batch, axis_name=None):
+    out = grad_fn(params, model_state, rng, batch, axis_name)
+    metrics = out[0][1][1]
+    one, zero = jnp.ones([], jnp.float32), jnp.zeros([], jnp.float32)
+    values = [1.0 - metrics.get('forward_converged_fraction', one),
+              1.0 - metrics.get('backward_converged_fraction', one),
+              metrics.get(f'forward_{stop_mode}_residual', zero),
+              metrics.get(f'backward_{stop_mode}_residual', zero)]
+    values = [jnp.asarray(v, jnp.float32) for v in values]
+    if axis_name is None:
+      jax.debug.callback(monitor.step, *values)
+    else:
+      values = jax.lax.pmean(values, axis_name)
+      jax.lax.cond(jax.lax.axis_index(axis_name) == 0,
+                   lambda: jax.debug.callback(monitor.step, *values),
+                   lambda: None)
+    return out
+
+  wrapped.monitor = monitor
+  return wrapped
+
+
+def log_unconverged_from_config(grad_fn: Callable, config) -> Callable:
+  """`log_unconverged` with the run's `log_every` and `deq.*` budgets."""
+  backward = config.deq.backward
+  implicit = backward.get('mode', 'implicit') == 'implicit'
+  return log_unconverged(
+      grad_fn, log_every=config.log_every,
+      forward_max_iter=config.deq.forward.max_iter,
+      backward_max_iter=backward.max_iter if implicit else None,
+      stop_mode=config.deq.forward.stop_mode)

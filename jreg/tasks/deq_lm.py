@@ -289,7 +289,10 @@ def train(config, workdir: str, corpus, built: Built):
   if pretrain == config.num_steps:
     phases = [(pretrain, built.pretrain_grad_fn)]
   else:
-    phases = [(config.num_steps, built.grad_fn)]
+    grad_fn = built.grad_fn
+    if built.model_config.architecture == 'deq':  # a line for unconverged solves
+      grad_fn = deq_task.log_unconverged_from_config(grad_fn, config)
+    phases = [(config.num_steps, grad_fn)]
     if pretrain:
       phases.insert(0, (pretrain, built.pretrain_grad_fn))
   return train_lib.fit(

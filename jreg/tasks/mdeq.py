@@ -423,7 +423,10 @@ def train_and_evaluate(config, workdir: str, train_iter,
   clock = {'start': time.perf_counter(), 'eval': 0.0}
   eval_fn = make_eval_fn(config, fns, probe_fns, eval_batches, clock)
   pretrain = pretrain_steps(config)
-  phases = [(num_steps, fns.grad_fn)]
+  grad_fn = fns.grad_fn
+  if config.model.network == 'mdeq':  # a warning line for unconverged solves
+    grad_fn = deq_task.log_unconverged_from_config(grad_fn, config)
+  phases = [(num_steps, grad_fn)]
   if pretrain == num_steps:
     phases = [(num_steps, fns.pretrain_grad_fn)]
   elif pretrain:
