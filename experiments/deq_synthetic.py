@@ -35,6 +35,7 @@ from jreg import cli
 from jreg import data
 from jreg import deq as deq_lib
 from jreg import train
+from jreg.tasks import deq as deq_task
 from jreg.tasks import deq_synthetic as task
 from jreg.tasks import optimizers
 from jreg.tasks import runs as runs_lib
@@ -53,7 +54,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str):
 
   return train.fit(
       workdir=workdir, init_fn=task.init_fn(config),
-      grad_fn=deq_lib.value_and_grad(task.loss_fn(config)),
+      grad_fn=deq_task.log_unconverged_from_config(
+          deq_lib.value_and_grad(task.loss_fn(config)), config),
       optimizer=optimizer,
       train_iter=data.synthetic_1d_iterator('train', config.batch_size,
                                             seed=config.seed),
