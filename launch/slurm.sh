@@ -24,6 +24,8 @@
 #SBATCH --cpus-per-task=12
 #SBATCH --mem=0
 #SBATCH --time=24:00:00
+# SLURM opens the log before the script runs (a missing folder fails the job
+# at once): logs/ is part of the repository, so submit from its root.
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
@@ -34,7 +36,6 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 module_name="$1"; shift
-mkdir -p logs
 trap 'echo "time limit near: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
 # Every task sees all the GPUs of its node (no per-task GPU binding), and
 # picks its own with local_device_ids=[SLURM_LOCALID].
