@@ -41,7 +41,6 @@ install_packages() {
   echo "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # The packages' own services are not started (policy-rc.d).
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
