@@ -164,7 +164,7 @@ case ${1:-} in
   stop) stop ;;
   status)
     if ready; then echo "SLURM is up (SLURM_CONF=$CONF)"; else
-      echo "SLURM is not running (state folder $STATE)"; exit 1; fi ;;
+      echo "SLURM is not running, state folder $STATE"; exit 1; fi ;;
   env) echo "export SLURM_CONF=$CONF" ;;
   *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
 esac
