@@ -12,6 +12,11 @@ place when the write has finished, so a crash during a save never leaves a
 half-written checkpoint in the place of the last good one (an unfinished
 temporary directory is ignored and cleaned up on the next start).
 
+A checkpoint may also hold `extra`, a JSON dict of what the run's records
+depend on beyond the state (`jreg.train.fit` keeps there the open logging
+window of a checkpoint written between two scheduled ones); its SHA-256 is
+`extra_sha256` of the checksum record.
+
 Restoring verifies the checksum. A checkpoint that cannot be read or does not
 match its checksum (a flipped bit, a truncated file) is reported in one
 sentence, moved to `checkpoints/damaged/<step>-<UTC time>` (never deleted) and
@@ -94,6 +99,10 @@ def contents_record(state: Any, data_position: Any) -> dict:
           'arrays': arrays}
 
 
+def _json_sha256(value: Any) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def _first_line(error: BaseException, limit: int = 200) -> str:
   text = (str(error).strip().splitlines() or [type(error).__name__])[0]
   text = text if len(text) <= limit else text[:limit] + '...'
@@ -121,6 +130,7 @@ class Checkpointer:
     )
     with quiet_orbax():
       self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    self._extras: dict[int, Optional[dict]] = {}
 
   def latest_step(self) -> Optional[int]:
     """The newest checkpoint's step (not verified), or None."""
@@ -129,21 +139,28 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_position: dict) -> None:
-    """Writes `state` (a pytree of host arrays), the data position and their
-    checksum at `step`."""
+  def save(self, step: int, state: Any, data_position: dict,
+           extra: Optional[dict] = None) -> None:
+    """Writes `state` (a pytree of host arrays), the data position, `extra`
+    (JSON, optional) and their checksum at `step`."""
     state = jax.tree.map(np.asarray, state)
+    record = contents_record(state, data_position)
+    items = dict(state=ocp.args.StandardSave(state),
+                 data=ocp.args.JsonSave(data_position))
+    if extra is not None:
+      record['extra_sha256'] = _json_sha256(extra)
+      items['extra'] = ocp.args.JsonSave(extra)
     with quiet_orbax():
       self._manager.save(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state),
-              data=ocp.args.JsonSave(data_position),
-              checksum=ocp.args.JsonSave(contents_record(state, data_position)),
-          ),
-          force=True,
-      )
+          step, args=ocp.args.Composite(
+              checksum=ocp.args.JsonSave(record), **items), force=True)
       self._manager.wait_until_finished()
+    self._extras[step] = extra
+
+  def extra(self, step: int) -> Optional[dict]:
+    """The `extra` dict of the checkpoint of `step` that was last saved or
+    restored (verified), or None if it has none."""
+    return self._extras.get(step)
 
   def restore(self, target: Any, step: Optional[int] = None):
     """Restores and verifies the state (shaped like `target`) and data position.
@@ -187,6 +204,19 @@ class Checkpointer:
     position = restored['data']
     if contents_record(state, position)['sha256'] != record.get('sha256'):
       raise _Damaged('its contents do not match their SHA-256 checksum')
+    extra = None
+    if 'extra_sha256' in record:
+      with quiet_orbax():
+        try:
+          extra = self._manager.restore(
+              step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())
+          )['extra']
+        except Exception as error:  # pylint: disable=broad-except
+          raise _Damaged(f'its extra record cannot be read '
+                         f'({_first_line(error)})') from error
+      if _json_sha256(extra) != record['extra_sha256']:
+        raise _Damaged('its extra record does not match its SHA-256 checksum')
+    self._extras[step] = extra
     return state, position
 
   def _check_shapes(self, step: int, abstract: Any, record: dict) -> None:

@@ -16,6 +16,14 @@ the wrong type, a value out of range (each config file's `validate`), a workdir
 that is a file or cannot be written, a workdir that another process is using, a
 resume under a different config (unless `--allow_config_change`), and the
 run-time errors of `jreg.errors.UserError`.
+
+Pre-emption: SIGTERM or SIGUSR1 during a command makes its training save a
+checkpoint at the next step boundary and stop (`jreg.train.Preempted`); the
+command prints that sentence and exits with status 75 (EX_TEMPFAIL,
+`jreg.train.PREEMPTED_EXIT_STATUS`), the status on which launch/slurm.sh and
+the sweep's sbatch script requeue the job. The same command resumes it.
+`checkpoint_minutes` (a key of most configs; 0: off) adds time-based
+checkpoints to every training of the command.
 """
 from __future__ import annotations
 
@@ -142,6 +150,9 @@ def check_common(config: ml_collections.ConfigDict) -> None:
   for key in ('eval_every', 'checkpoint_every'):
     if has(key) and config[key] < 0:
       raise ValueError(f'{key} must be >= 0 (0: at the end), got {config[key]}.')
+  if has('checkpoint_minutes') and not config.checkpoint_minutes >= 0:
+    raise ValueError('checkpoint_minutes must be >= 0 (0: no time-based '
+                     f'checkpoints), got {config.checkpoint_minutes}.')
   if has('learning_rate') and not config.learning_rate > 0:
     raise ValueError(f'learning_rate must be > 0, got {config.learning_rate}.')
   if has('parallel') and config.parallel not in _train.PARALLEL_MODES:
@@ -234,7 +245,9 @@ def execute(name: str,
   the workdir (a second concurrent run is refused), saves the config as
   `workdir/config.json` (a resume under a different one is refused unless
   `allow_config_change`) and shows it in TensorBoard, then calls
-  `run_fn(config, workdir)`.
+  `run_fn(config, workdir)` with SIGTERM / SIGUSR1 asking its training to
+  stop (`jreg.train.stop_on_signals`) and the config's `checkpoint_minutes`
+  as the time-based checkpoint interval of its `fit` calls.
 
   Raises:
     jreg.errors.UserError: ConfigError, a busy or unusable workdir, a changed
@@ -243,11 +256,13 @@ def execute(name: str,
   from jreg import rundir  # pylint: disable=g-import-not-at-top
   validate(name, config)
   check_devices(config)
-  with rundir.lock(workdir):
+  minutes = config.get('checkpoint_minutes') or 0.0
+  with _train.stop_on_signals(), rundir.lock(workdir):
     rundir.check_config(workdir, config.to_dict(),
                         allow_change=allow_config_change)
     log_config(workdir, config)
-    return run_fn(config, workdir)
+    with _train.checkpoint_seconds(60.0 * minutes):
+      return run_fn(config, workdir)
 
 
 def headline(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -367,12 +382,16 @@ def run(main_fn) -> None:
   one sentence and exit status 1 instead of a traceback: every
   `jreg.errors.UserError` (bad data, a NaN or infinite loss, a busy workdir,
   a changed configuration, an unusable checkpoint or workdir, a batch that
-  does not split over the devices)."""
+  does not split over the devices). A run stopped by a signal
+  (`jreg.train.Preempted`) prints its sentence and exits with status 75."""
   from jreg.errors import UserError  # pylint: disable=g-import-not-at-top
 
   def guarded(argv):
     try:
       return _sentences(main_fn)(argv)
+    except _train.Preempted as stopped:
+      print(str(stopped), file=sys.stderr, flush=True)
+      sys.exit(stopped.exit_status)
     except UserError as error:
       print(f'FATAL: {error}', file=sys.stderr, flush=True)
       sys.exit(1)

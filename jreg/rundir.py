@@ -1,11 +1,26 @@
 """A run's work directory: one writer at a time, and the configuration it ran under.
 
 * `lock(workdir)`: a context manager holding an exclusive lock file
-  `workdir/.lock` (created with `O_CREAT | O_EXCL`, holding JSON
-  `{"host", "pid", "started"}`). A second process asking for the same workdir
-  gets `WorkdirBusyError` naming the host and PID of the first. A lock left by
-  a process of this host that no longer runs (killed with SIGKILL, a crashed
-  machine) is taken over with a warning. The lock is re-entrant within one
+  `workdir/.lock` (created with `O_CREAT | O_EXCL`, holding JSON `{"host",
+  "pid", "started", "pid_start", "boot_id", "lease_s", "slurm_job",
+  "slurm_job_id", "slurm_restart_count"}`). A second process asking for the
+  same workdir gets `WorkdirBusyError` naming the host and PID of the first.
+  A lock is stale, and taken over with a warning naming why, when
+    - its process, on this host, no longer runs, or its PID now belongs to
+      another process (`pid_start`: the start time of `/proc/PID/stat`,
+      field 22, differs);
+    - it was written by an earlier run of the same SLURM job, on any host
+      (`slurm_job`: `SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID` for an array
+      task, else `SLURM_JOB_ID`; both survive a requeue onto another node);
+    - it comes from another host and its lease ran out: the holder renews the
+      file's modification time from a daemon thread every `lease_s / 4`
+      seconds, so a lock not renewed for `lease_s` (`$JREG_LOCK_LEASE_S`,
+      default 120 s) belongs to a process that is gone (killed with SIGKILL, a
+      crashed node);
+    - it is empty or unreadable and older than 5 s (its writer died between
+      creating and writing it).
+  A live holder on another host (renewed within its lease, another SLURM
+  job) is refused like one of this host. The lock is re-entrant within one
   process, so an experiment that holds its top-level workdir can call
   `jreg.train.fit` (which locks its own workdir) for its sub-runs, even in the
   same directory. In a multi-process run only process 0 locks.
@@ -27,6 +42,7 @@ import json
 import os
 import socket
 import threading
+import time
 from typing import Any, Iterator, Mapping, Optional
 
 from absl import logging
@@ -37,6 +53,12 @@ LOCK_FILE = '.lock'
 CONFIG_FILE = 'config.json'
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 PREVIOUS_DIR = 'previous'
+# A lock of another host that was not renewed for this long is stale.
+LEASE_S = 120.0
+LEASE_ENV = 'JREG_LOCK_LEASE_S'
+# An empty or unreadable lock file older than this is stale (its writer died
+# between creating and writing it).
+UNREADABLE_GRACE_S = 5.0
 
 _ABSENT = '(absent)'
 
@@ -56,6 +78,7 @@ class ConfigMismatchError(UserError):
 # Workdirs this process holds: real path -> nesting depth.
 _held: dict[str, int] = {}
 _held_guard = threading.Lock()
+_heartbeats: dict[str, '_Heartbeat'] = {}
 
 
 def utc_timestamp() -> str:
@@ -104,13 +127,111 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def _read_owner(path: str) -> Optional[dict]:
+def _process_start(pid: int) -> Optional[int]:
+  """When process `pid` started, in clock ticks since boot (/proc/PID/stat,
+  field 22), or None where /proc cannot tell (not Linux, no such process)."""
   try:
-    with open(path) as f:
-      owner = json.load(f)
-  except (OSError, ValueError):
+    with open(f'/proc/{pid}/stat') as f:
+      text = f.read()
+    # The command name (field 2) may hold spaces and parentheses.
+    return int(text[text.rindex(')') + 2:].split()[19])
+  except (OSError, ValueError, IndexError):
     return None
-  return owner if isinstance(owner, dict) else None
+
+
+def _boot_id() -> Optional[str]:
+  try:
+    with open('/proc/sys/kernel/random/boot_id') as f:
+      return f.read().strip() or None
+  except OSError:
+    return None
+
+
+def lease_seconds() -> float:
+  """The lock's lease: `$JREG_LOCK_LEASE_S`, else `LEASE_S`."""
+  text = os.environ.get(LEASE_ENV)
+  try:
+    lease = float(text) if text else LEASE_S
+  except ValueError:
+    lease = -1.0
+  if not lease > 0:
+    raise WorkdirError(f'{LEASE_ENV}={text!r} must be a number of seconds > 0.')
+  return lease
+
+
+def slurm_job() -> Optional[str]:
+  """This process's SLURM job, the same across requeues: `ARRAYJOB_TASK` for
+  an array task, else `SLURM_JOB_ID`; None outside SLURM."""
+  array_job = os.environ.get('SLURM_ARRAY_JOB_ID')
+  task = os.environ.get('SLURM_ARRAY_TASK_ID')
+  if array_job and task:
+    return f'{array_job}_{task}'
+  return os.environ.get('SLURM_JOB_ID') or None
+
+
+def _owner_record() -> dict:
+  """What this process writes into a lock it takes."""
+  pid = os.getpid()
+  return {'host': socket.gethostname(), 'pid': pid,
+          'started': datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec='seconds'),
+          'pid_start': _process_start(pid), 'boot_id': _boot_id(),
+          'lease_s': lease_seconds(), 'slurm_job': slurm_job(),
+          'slurm_job_id': os.environ.get('SLURM_JOB_ID'),
+          'slurm_restart_count': os.environ.get('SLURM_RESTART_COUNT')}
+
+
+def _read_lock(path: str) -> tuple[Optional[bytes], Optional[dict], float]:
+  """`(raw bytes, owner dict or None, seconds since last renewed)`; raw is
+  None when the file is gone."""
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+    age = time.time() - os.stat(path).st_mtime
+  except FileNotFoundError:
+    return None, None, 0.0
+  try:
+    owner = json.loads(raw)
+  except ValueError:
+    owner = None
+  return raw, owner if isinstance(owner, dict) else None, age
+
+
+def _read_owner(path: str) -> Optional[dict]:
+  return _read_lock(path)[1]
+
+
+def _stale_reason(me: dict, owner: Optional[dict], age: float) -> Optional[str]:
+  """Why the lock of `owner` (renewed `age` seconds ago) is stale, or None if
+  its holder may still run."""
+  if owner is None:
+    return (f'an empty or unreadable lock file, {age:.0f} s old'
+            if age > UNREADABLE_GRACE_S else None)
+  pid = owner.get('pid')
+  if not isinstance(pid, int):
+    return (f'a lock file without a process, {age:.0f} s old'
+            if age > UNREADABLE_GRACE_S else None)
+  same_host = owner.get('host') == me['host'] and (
+      owner.get('boot_id') in (None, me['boot_id']))
+  if same_host:
+    if pid == me['pid'] and owner.get('pid_start') in (None, me['pid_start']):
+      return None  # This process (another thread's lock): never taken over.
+    if not _pid_alive(pid):
+      return f'process {pid} on host {owner.get("host")}, which no longer runs'
+    start = _process_start(pid)
+    if owner.get('pid_start') is not None and start is not None and (
+        start != owner['pid_start']):
+      return (f'process {pid} on host {owner.get("host")}, which no longer '
+              'runs (its PID now belongs to another process)')
+    return None  # A live process of this host.
+  if me['slurm_job'] and owner.get('slurm_job') == me['slurm_job']:
+    return (f'process {pid} on host {owner.get("host")}, an earlier run of this '
+            f'SLURM job {me["slurm_job"]} (requeued)')
+  lease = owner.get('lease_s')
+  if isinstance(lease, (int, float)) and age > lease:
+    return (f'process {pid} on host {owner.get("host")}, whose lease was last '
+            f'renewed {age:.0f} s ago (lease {lease:g} s)')
+  return None
 
 
 def _busy_error(path: str, owner: Optional[dict]) -> WorkdirBusyError:
@@ -120,34 +241,34 @@ def _busy_error(path: str, owner: Optional[dict]) -> WorkdirBusyError:
         f'the workdir {workdir} is locked by another run (its lock file {path} '
         'cannot be read); wait for that run to end, or delete the lock file if '
         'no run uses this workdir.')
+  job = f', SLURM job {owner["slurm_job"]}' if owner.get('slurm_job') else ''
   return WorkdirBusyError(
       f'the workdir {workdir} is in use by process {owner.get("pid")} on host '
-      f'{owner.get("host")} (running since {owner.get("started")}); wait for it '
-      f'to end or choose another workdir (delete {path} only if that process is '
-      'gone).')
+      f'{owner.get("host")} (running since {owner.get("started")}{job}); wait '
+      f'for it to end or choose another workdir (delete {path} only if that '
+      'process is gone).')
 
 
 def _acquire(path: str) -> None:
-  """Creates the lock file at `path`, taking over a stale one of this host."""
-  host = socket.gethostname()
-  me = {'host': host, 'pid': os.getpid(),
-        'started': datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec='seconds')}
+  """Creates the lock file at `path`, taking over a stale one."""
+  me = _owner_record()
   for _ in range(5):
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-      owner = _read_owner(path)
-      if owner is None:
+      raw, owner, age = _read_lock(path)
+      if raw is None:
+        continue  # Released meanwhile: try again.
+      if owner is None and age <= UNREADABLE_GRACE_S:
         # Possibly being written by its creator right now: look again.
         threading.Event().wait(0.05)
-        owner = _read_owner(path)
-      stale = (owner is not None and owner.get('host') == host and
-               isinstance(owner.get('pid'), int) and
-               owner['pid'] != os.getpid() and not _pid_alive(owner['pid']))
-      if not stale:
+        raw, owner, age = _read_lock(path)
+        if raw is None:
+          continue
+      reason = _stale_reason(me, owner, age)
+      if reason is None:
         raise _busy_error(path, owner) from None
-      _take_over(path, owner)
+      _take_over(path, raw, reason)
       continue
     except OSError as error:
       raise WorkdirError(f'the lock file {path} cannot be created '
@@ -158,18 +279,21 @@ def _acquire(path: str) -> None:
   raise _busy_error(path, _read_owner(path))
 
 
-def _take_over(path: str, owner: dict) -> None:
+def _take_over(path: str, raw: bytes, reason: str) -> None:
   """Removes a stale lock, unless another process replaced it meanwhile."""
   aside = f'{path}.stale.{os.getpid()}'
   try:
     os.rename(path, aside)
   except FileNotFoundError:
     return  # Someone else removed it: try to create ours.
-  if _read_owner(aside) == owner:
+  try:
+    with open(aside, 'rb') as f:
+      unchanged = f.read() == raw
+  except OSError:
+    unchanged = False
+  if unchanged:
     os.remove(aside)
-    logging.warning('took over the lock %s of process %d on host %s, which no '
-                    'longer runs (it was started %s).', path, owner['pid'],
-                    owner['host'], owner.get('started'))
+    logging.warning('took over the lock %s of %s.', path, reason)
     return
   # A live lock was created between our read and the rename: put it back.
   try:
@@ -179,14 +303,41 @@ def _take_over(path: str, owner: dict) -> None:
   os.remove(aside)
 
 
+def _mine(owner: Optional[dict]) -> bool:
+  return (owner is not None and owner.get('pid') == os.getpid() and
+          owner.get('host') == socket.gethostname())
+
+
 def _release(path: str) -> None:
-  owner = _read_owner(path)
-  if owner is not None and owner.get('pid') == os.getpid() and (
-      owner.get('host') == socket.gethostname()):
+  if _mine(_read_owner(path)):
     os.remove(path)
   else:
     logging.warning('the lock %s no longer belongs to this process; left it.',
                     path)
+
+
+class _Heartbeat:
+  """Renews a held lock's lease (its modification time) from a daemon thread,
+  every quarter of the lease, while the lock is held."""
+
+  def __init__(self, path: str, lease: float):
+    self._path = path
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(lease / 4,),
+                                    name='jreg-lock-heartbeat', daemon=True)
+    self._thread.start()
+
+  def _run(self, interval: float) -> None:
+    while not self._stop.wait(interval):
+      try:
+        if _mine(_read_owner(self._path)):
+          os.utime(self._path)
+      except OSError:
+        pass  # A transient file-system error: the next beat tries again.
+
+  def stop(self) -> None:
+    self._stop.set()
+    self._thread.join()
 
 
 @contextlib.contextmanager
@@ -195,7 +346,7 @@ def lock(workdir: str) -> Iterator[str]:
 
   Re-entrant within a process; a no-op on processes other than process 0 of a
   multi-process run. Call it after `jax.distributed.initialize` (it asks JAX
-  for the process index).
+  for the process index). While it is held, a daemon thread renews its lease.
 
   Yields:
     The workdir's absolute path.
@@ -216,6 +367,7 @@ def lock(workdir: str) -> Iterator[str]:
     else:
       _acquire(lock_path)
       _held[key] = 1
+      _heartbeats[key] = _Heartbeat(lock_path, lease_seconds())
   try:
     yield path
   finally:
@@ -223,6 +375,7 @@ def lock(workdir: str) -> Iterator[str]:
       _held[key] -= 1
       if not _held[key]:
         del _held[key]
+        _heartbeats.pop(key).stop()
         _release(lock_path)
 
 

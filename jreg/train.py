@@ -22,14 +22,25 @@
   checkpoint, stop on a non-finite loss. A run killed at any moment and
   restarted ends with the parameters and `metrics.jsonl` rows of an
   uninterrupted run; a finished run is not trained again.
+* Pre-emption: SIGTERM or SIGUSR1 (what SLURM sends on pre-emption, `scancel`,
+  `scontrol requeue`, and `--signal=B:USR1@S` through launch/slurm.sh) makes
+  `fit` save a checkpoint at the next step boundary, release the workdir and
+  raise `Preempted`; a command then exits with `PREEMPTED_EXIT_STATUS` (75,
+  EX_TEMPFAIL), which the SLURM scripts answer with a requeue.
+* Time-based checkpoints (`checkpoint_every_seconds`, the command's
+  `checkpoint_minutes`) beside the step-based ones.
 
 Loss functions follow `loss_fn(params, model_state, rng, batch) ->
 (loss, (model_state, metrics))`; see docs/architecture.md, "Contracts".
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
+import threading
+import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import haiku as hk
@@ -37,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -47,9 +59,11 @@ from jreg import xla_cpu
 from jreg.errors import UserError
 
 __all__ = (
-    'AXIS', 'PARALLEL_MODES', 'SCHEDULES', 'NonFiniteLossError', 'Parallel',
-    'TrainState', 'evaluate', 'fit', 'init_state', 'learning_rate_schedule',
-    'make_update', 'value_and_grad',
+    'AXIS', 'PARALLEL_MODES', 'PREEMPTED_EXIT_STATUS', 'SCHEDULES',
+    'NonFiniteLossError', 'Parallel', 'Preempted', 'TrainState',
+    'checkpoint_seconds', 'evaluate', 'fit', 'init_state',
+    'learning_rate_schedule', 'make_update', 'stop_on_signals',
+    'value_and_grad',
 )
 
 PARALLEL_MODES = ('single', 'sharded', 'pmap')
@@ -98,6 +112,91 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 class BatchSizeError(UserError, ValueError):
   """A batch cannot be split evenly over the devices of the parallel mode."""
+
+
+# EX_TEMPFAIL of sysexits.h: "try again later". launch/slurm.sh and the
+# sweep's sbatch script requeue the job when a run exits with it.
+PREEMPTED_EXIT_STATUS = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+  """`fit` stopped at a signal after saving a checkpoint; the same call (the
+  same command) resumes it. The message is one sentence.
+
+  Attributes:
+    signal_name: 'SIGTERM' or 'SIGUSR1'.
+    step: the step of the checkpoint that was saved.
+  """
+  exit_status = PREEMPTED_EXIT_STATUS
+
+  def __init__(self, signal_name: str, step: int, directory: str):
+    super().__init__(f'stopped by {signal_name} at step {step}: checkpoint '
+                     f'saved in {directory}; run the same command to resume.')
+    self.signal_name, self.step = signal_name, step
+
+
+class _StopSignals:
+  """The stop request of this process: the first SIGTERM / SIGUSR1 received
+  while `stop_on_signals` is active (nested uses share it)."""
+
+  def __init__(self):
+    self.received: Optional[int] = None
+    self._depth = 0
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is None:
+      self.received = signum
+
+  @contextlib.contextmanager
+  def installed(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield  # Python runs signal handlers in the main thread only.
+      return
+    if not self._depth:
+      self.received = None
+      self._previous = {sig: signal.signal(sig, self._handle)
+                        for sig in STOP_SIGNALS}
+    self._depth += 1
+    try:
+      yield
+    finally:
+      self._depth -= 1
+      if not self._depth:
+        for sig, previous in self._previous.items():
+          signal.signal(sig, previous)
+        self._previous = {}
+
+
+_stop = _StopSignals()
+
+
+def stop_on_signals():
+  """A context in which SIGTERM and SIGUSR1 ask `fit` to stop (in the main
+  thread; the previous handlers are restored at its exit).
+
+  `fit` enters it by itself; `jreg.cli` enters it around a whole command, so
+  a signal that arrives between two `fit` calls stops the next one at its
+  first step (or is ignored if none follows: the command then ends normally).
+  """
+  return _stop.installed()
+
+
+_default_checkpoint_seconds = threading.local()
+
+
+@contextlib.contextmanager
+def checkpoint_seconds(seconds: float):
+  """Sets the `checkpoint_every_seconds` of the `fit` calls in this context
+  that do not give one (`jreg.cli` sets the command's `checkpoint_minutes`)."""
+  previous = getattr(_default_checkpoint_seconds, 'value', 0.0)
+  _default_checkpoint_seconds.value = seconds
+  try:
+    yield
+  finally:
+    _default_checkpoint_seconds.value = previous
 
 
 def value_and_grad(loss_fn: LossFn) -> GradFn:
@@ -271,6 +370,7 @@ def fit(*,
         eval_every: int = 0,
         log_every: int = 50,
         checkpoint_every: int = 0,
+        checkpoint_every_seconds: Optional[float] = None,
         learning_rate_fn: Optional[optax.Schedule] = None,
         tensorboard: bool = True,
         config: Optional[Mapping[str, Any]] = None,
@@ -286,7 +386,17 @@ def fit(*,
   run killed at any moment and restarted ends with the parameters and the
   `metrics.jsonl` rows of an uninterrupted run. A workdir whose run already
   reached `num_steps` is not trained again: `fit` says so and returns its
-  final state and history.
+  final state and history (and first runs the final evaluation if the run
+  was stopped during it: the final checkpoint is written before it).
+
+  SIGTERM or SIGUSR1 (see `stop_on_signals`) makes `fit` save a checkpoint at
+  the next step boundary and raise `Preempted`. Checkpoints written between
+  two scheduled ones (by a signal, or by `checkpoint_every_seconds`) carry the
+  open logging window, so a run resumed from them writes the very records of
+  an uninterrupted run. In a multi-process run every process stops or
+  checkpoints at the same step: the flags are gathered at each step boundary
+  (any process's signal stops all; process 0's clock decides the time-based
+  checkpoints).
 
   Args:
     workdir: directory for checkpoints, `metrics.jsonl`, `config.json` and
@@ -307,6 +417,9 @@ def fit(*,
       steps and at the end.
     eval_every, log_every, checkpoint_every: intervals in steps (0: never;
       a checkpoint is always written at the end).
+    checkpoint_every_seconds: also checkpoint when this many seconds passed
+      since the last checkpoint (or the start); 0: never; None: the default
+      of the command (`checkpoint_seconds`, 0 outside one).
     learning_rate_fn: the optimiser's schedule, logged as `learning_rate`.
     tensorboard: also write TensorBoard event files.
     config: the run's configuration as a JSON-able mapping (e.g.
@@ -335,14 +448,20 @@ def fit(*,
     jreg.rundir.ConfigMismatchError: `config` differs from the recorded one.
     jreg.checkpoint.CheckpointError: the checkpoint holds another model, or a
       later step than `num_steps`.
+    Preempted: a signal stopped the run after a checkpoint was saved.
   """
+  if checkpoint_every_seconds is None:
+    checkpoint_every_seconds = getattr(_default_checkpoint_seconds, 'value', 0.0)
+  if checkpoint_every_seconds < 0:
+    raise ValueError('checkpoint_every_seconds must be >= 0, got '
+                     f'{checkpoint_every_seconds}.')
   par = Parallel(parallel)
   phases = grad_fn if isinstance(grad_fn, (list, tuple)) else [(num_steps, grad_fn)]
   if any(a[0] >= b[0] for a, b in zip(phases, phases[1:])):
     raise ValueError('grad_fn phases need increasing last steps, got '
                      f'{[p[0] for p in phases]}.')
   is_primary = jax.process_index() == 0
-  with rundir.lock(workdir) as path:
+  with stop_on_signals(), rundir.lock(workdir) as path:
     if restart:
       if is_primary:
         moved = rundir.move_aside(path)
@@ -356,7 +475,9 @@ def fit(*,
         path, par, phases, init_fn=init_fn, optimizer=optimizer,
         train_iter=train_iter, num_steps=num_steps, seed=seed, eval_fn=eval_fn,
         eval_every=eval_every, log_every=log_every,
-        checkpoint_every=checkpoint_every, learning_rate_fn=learning_rate_fn,
+        checkpoint_every=checkpoint_every,
+        checkpoint_every_seconds=checkpoint_every_seconds,
+        learning_rate_fn=learning_rate_fn,
         tensorboard=tensorboard, progress=progress and is_primary,
         is_primary=is_primary)
 
@@ -371,8 +492,8 @@ def _whole_history(workdir: str, segment: list[dict]) -> list[dict]:
 
 def _fit_locked(workdir, par, phases, *, init_fn, optimizer, train_iter,
                 num_steps, seed, eval_fn, eval_every, log_every,
-                checkpoint_every, learning_rate_fn, tensorboard, progress,
-                is_primary):
+                checkpoint_every, checkpoint_every_seconds, learning_rate_fn,
+                tensorboard, progress, is_primary):
   """`fit` once the workdir is locked and its configuration checked."""
   say = metrics_lib.announce if is_primary else lambda message: None
   checkpointer = checkpoint_lib.Checkpointer(workdir)
@@ -381,6 +502,7 @@ def _fit_locked(workdir, par, phases, *, init_fn, optimizer, train_iter,
     host_state = init_state(init_fn, optimizer, seed)
     restored_step, restored, position = checkpointer.restore_latest(host_state)
     start = 0
+    window = []  # the host metrics of the open logging window
     if restored_step is not None:
       host_state, start = restored, int(restored.step)
       if start > num_steps:
@@ -389,13 +511,18 @@ def _fit_locked(workdir, par, phases, *, init_fn, optimizer, train_iter,
             f'{start}, past num_steps={num_steps}; raise num_steps, start '
             'afresh (restart) or use another workdir.')
       if start == num_steps:
-        say(f'the run in {workdir} is already finished (step {start} of '
-            f'{num_steps}); returning its final state and recorded history '
-            '(restart=True starts it afresh).')
-        return host_state, _whole_history(workdir, [])
-      train_iter.set_state(position)
-      say(f'resumed from the checkpoint of step {start} in '
-          f'{checkpointer.directory}.')
+        if eval_fn is None or _has_final_eval(workdir, num_steps):
+          say(f'the run in {workdir} is already finished (step {start} of '
+              f'{num_steps}); returning its final state and recorded history '
+              '(restart=True starts it afresh).')
+          return host_state, _whole_history(workdir, [])
+        say(f'the run in {workdir} finished training (step {start} of '
+            f'{num_steps}) but not its final evaluation; evaluating it now.')
+      else:
+        train_iter.set_state(position)
+        window = _window_from_json(checkpointer.extra(restored_step))
+        say(f'resumed from the checkpoint of step {start} in '
+            f'{checkpointer.directory}.')
     if is_primary:
       # Steps after the checkpoint are trained and logged again.
       metrics_lib.truncate_history(workdir, start)
@@ -408,8 +535,9 @@ def _fit_locked(workdir, par, phases, *, init_fn, optimizer, train_iter,
         par, phases, state, start, optimizer=optimizer, train_iter=train_iter,
         num_steps=num_steps, eval_fn=eval_fn, eval_every=eval_every,
         log_every=log_every, checkpoint_every=checkpoint_every,
+        checkpoint_every_seconds=checkpoint_every_seconds,
         learning_rate_fn=learning_rate_fn, checkpointer=checkpointer,
-        writer=writer, bar=bar, last_good=restored_step)
+        writer=writer, bar=bar, last_good=restored_step, window=window)
   finally:
     if bar is not None:
       bar.close()
@@ -419,15 +547,68 @@ def _fit_locked(workdir, par, phases, *, init_fn, optimizer, train_iter,
   return final, _whole_history(workdir, writer.history)
 
 
+def _has_final_eval(workdir: str, num_steps: int) -> bool:
+  """Whether `metrics.jsonl` holds the evaluation of step `num_steps`."""
+  _sync('jreg-final-eval-check')
+  return any(r.get('split') == 'eval' and r.get('step') == num_steps
+             for r in metrics_lib.read_history(workdir))
+
+
+def _window_to_json(window: list[dict]) -> Optional[dict]:
+  """The open logging window as JSON: per step, `{name: [dtype, value]}`
+  (each value exact: a float32 is exactly a JSON double)."""
+  if not window:
+    return None
+  return {'log_window': [{k: [np.asarray(v).dtype.str, np.asarray(v).tolist()]
+                          for k, v in m.items()} for m in window]}
+
+
+def _window_from_json(extra: Optional[dict]) -> list[dict]:
+  if not extra:
+    return []
+  return [{k: np.asarray(value, dtype) for k, (dtype, value) in m.items()}
+          for m in extra.get('log_window', [])]
+
+
+class _Boundary:
+  """What happens at a step boundary beyond the schedule: a stop requested by
+  a signal, a checkpoint due by the clock. In a multi-process run the flags
+  are gathered, so that every process decides the same (orbax saves are
+  collective): any process's signal stops all, process 0's clock decides."""
+
+  def __init__(self, seconds: float):
+    self.seconds = seconds
+    self.last_save = time.monotonic()
+
+  def poll(self) -> tuple[Optional[int], bool]:
+    """`(signal number or None, checkpoint due by time)`."""
+    due = bool(self.seconds) and time.monotonic() - self.last_save >= self.seconds
+    received = _stop.received
+    if jax.process_count() > 1:
+      flags = multihost_utils.process_allgather(
+          np.array([received or 0, due], np.int32))
+      signals = [int(x) for x in flags[:, 0] if x]
+      received, due = (signals[0] if signals else None), bool(flags[0, 1])
+    return received, due
+
+  def saved(self) -> None:
+    self.last_save = time.monotonic()
+
+
 def _train_steps(par, phases, state, start, *, optimizer, train_iter,
                  num_steps, eval_fn, eval_every, log_every, checkpoint_every,
-                 learning_rate_fn, checkpointer, writer, bar, last_good):
+                 checkpoint_every_seconds, learning_rate_fn, checkpointer,
+                 writer, bar, last_good, window):
   """Steps `start + 1 .. num_steps`; returns the final state on the host.
 
-  A train record is written every `log_every` steps and at every checkpoint;
-  at a checkpointed step the train record and the evaluation are written
-  before the checkpoint, so a checkpoint of step S has all records of steps
-  <= S in `metrics.jsonl` (what a resume keeps) and none of a later step.
+  A train record is written every `log_every` steps and at every scheduled
+  checkpoint; at a checkpointed step the train record and the evaluation are
+  written before the checkpoint, so a checkpoint of step S has all records of
+  steps <= S in `metrics.jsonl` (what a resume keeps) and none of a later
+  step. A checkpoint between two scheduled ones (a signal, the clock) leaves
+  the logging window open and saves it with the state (`window`: what the
+  resumed run starts from). The final checkpoint is written before the final
+  evaluation.
   """
   compiled = {}
 
@@ -446,13 +627,24 @@ def _train_steps(par, phases, state, start, *, optimizer, train_iter,
     host = par.get(device_state)
     log(step, 'eval', eval_fn(host.params, host.model_state))
 
+  def save(step, device_state):
+    checkpointer.save(step, par.get(device_state), train_iter.get_state(),
+                      extra=_window_to_json(window))
+    boundary.saved()
+
+  def stop(signum, step):
+    name = signal.Signals(signum).name
+    logging.warning('%s received: stopping at step %d with a checkpoint.',
+                    name, step)
+    raise Preempted(name, step, checkpointer.directory)
+
   # The loop checks each step's loss one step late, so that checking never
   # stalls the device; a non-finite step is never checkpointed.
   pending = None  # (step, metrics) of the last dispatched step
-  window = []     # host metrics since the last log
   check = functools.partial(_check_and_log, par=par, log=log, window=window,
                             log_every=log_every,
                             learning_rate_fn=learning_rate_fn)
+  boundary = _Boundary(checkpoint_every_seconds)
   try:
     for step in range(start + 1, num_steps + 1):
       # The data position after this batch is what a checkpoint at `step` saves.
@@ -464,23 +656,33 @@ def _train_steps(par, phases, state, start, *, optimizer, train_iter,
       bar.advance()
       if step == num_steps:
         break
-      checkpoint_now = checkpoint_every and step % checkpoint_every == 0
-      if checkpoint_now:
-        # A train record closes at every checkpoint, so that the records of a
-        # resumed run average the same steps as an uninterrupted run's.
+      scheduled = checkpoint_every and step % checkpoint_every == 0
+      signum, due = boundary.poll()
+      if scheduled:
+        # A train record closes at every scheduled checkpoint, so that the
+        # records of a resumed run average the same steps as an
+        # uninterrupted run's.
         check(pending, force=True)
+        pending = None
+      elif signum or due:
+        check(pending)  # the window stays open: the checkpoint carries it
         pending = None
       if eval_fn is not None and eval_every and step % eval_every == 0:
         evaluate(step, state)
-      if checkpoint_now:
-        checkpointer.save(step, par.get(state), train_iter.get_state())
+      if scheduled or signum or due:
+        save(step, state)
         last_good = step
+      if signum:
+        stop(signum, step)
     if pending is not None:
       check(pending, force=True)
-    if eval_fn is not None:
-      evaluate(num_steps, state)
     if num_steps > start:
-      checkpointer.save(num_steps, par.get(state), train_iter.get_state())
+      save(num_steps, state)
+    if eval_fn is not None:
+      signum, _ = boundary.poll()
+      if signum:
+        stop(signum, num_steps)
+      evaluate(num_steps, state)
   except NonFiniteLossError as error:
     kept = ('no checkpoint was written yet, so a restart begins at step 0'
             if last_good is None else

@@ -2,9 +2,11 @@
 import json
 import logging as pylogging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,11 +15,15 @@ from jreg import errors
 from jreg import rundir
 
 
-def _write_lock(workdir, pid, host=None):
+def _write_lock(workdir, pid, host=None, age=0.0, **fields):
+  """A lock file as another process writes it, last renewed `age` s ago."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, rundir.LOCK_FILE), 'w') as f:
+  path = os.path.join(workdir, rundir.LOCK_FILE)
+  with open(path, 'w') as f:
     json.dump({'host': host or socket.gethostname(), 'pid': pid,
-               'started': '2026-01-01T00:00:00+00:00'}, f)
+               'started': '2026-01-01T00:00:00+00:00', **fields}, f)
+  if age:
+    os.utime(path, (time.time() - age,) * 2)
 
 
 def _dead_pid():
@@ -162,3 +168,126 @@ def test_cli_reports_a_user_error_as_one_sentence(tmp_path):
   assert done.returncode == 1
   assert done.stderr.strip() == ('FATAL: the workdir W is in use by process 1 on '
                                  'host h.')
+
+
+# ---------------------------------------------------------------------------
+# Locks on a cluster: SLURM jobs, leases, reused PIDs, unreadable files.
+
+
+@pytest.fixture
+def outside_slurm(monkeypatch):
+  for name in ('SLURM_JOB_ID', 'SLURM_ARRAY_JOB_ID', 'SLURM_ARRAY_TASK_ID',
+               'SLURM_RESTART_COUNT', rundir.LEASE_ENV):
+    monkeypatch.delenv(name, raising=False)
+  return monkeypatch
+
+
+def _takes_over(workdir, caplog, why):
+  with caplog.at_level(pylogging.WARNING):
+    with rundir.lock(workdir):
+      with open(os.path.join(workdir, rundir.LOCK_FILE)) as f:
+        assert json.load(f)['pid'] == os.getpid()
+  said = [r.getMessage() for r in caplog.records if 'took over' in r.getMessage()]
+  assert len(said) == 1 and why in said[0], said
+  caplog.clear()
+
+
+def test_lock_records_the_slurm_job_and_the_process_start(tmp_path, outside_slurm):
+  outside_slurm.setenv('SLURM_JOB_ID', '4243')
+  outside_slurm.setenv('SLURM_ARRAY_JOB_ID', '4200')
+  outside_slurm.setenv('SLURM_ARRAY_TASK_ID', '3')
+  with rundir.lock(tmp_path):
+    with open(tmp_path / rundir.LOCK_FILE) as f:
+      owner = json.load(f)
+  assert owner['slurm_job'] == '4200_3' and owner['slurm_job_id'] == '4243'
+  assert owner['lease_s'] == rundir.LEASE_S
+  assert isinstance(owner['pid_start'], int) and owner['pid_start'] > 0
+
+
+def test_lock_of_the_same_slurm_job_on_another_host_is_taken_over(
+    tmp_path, outside_slurm, caplog):
+  # A requeued job on node B finds the lock its first run left on node A.
+  outside_slurm.setenv('SLURM_JOB_ID', '4242')
+  _write_lock(tmp_path, os.getppid(), host='node-a', slurm_job='4242',
+              lease_s=120.0)
+  _takes_over(tmp_path, caplog, 'earlier run of this SLURM job 4242')
+  # An array task: the array job and task index, not the task's job id.
+  outside_slurm.setenv('SLURM_ARRAY_JOB_ID', '4200')
+  outside_slurm.setenv('SLURM_ARRAY_TASK_ID', '3')
+  _write_lock(tmp_path, os.getppid(), host='node-a', slurm_job='4200_3',
+              lease_s=120.0)
+  _takes_over(tmp_path, caplog, 'SLURM job 4200_3')
+  # Another array task of the same array, alive on another host: refused.
+  _write_lock(tmp_path, os.getppid(), host='node-a', slurm_job='4200_4',
+              lease_s=120.0)
+  with pytest.raises(rundir.WorkdirBusyError,
+                     match=r'on host node-a .*SLURM job 4200_4'):
+    with rundir.lock(tmp_path):
+      pass
+
+
+def test_lock_of_another_host_is_stale_once_its_lease_ran_out(
+    tmp_path, outside_slurm, caplog):
+  _write_lock(tmp_path, os.getppid(), host='node-a', lease_s=30.0, age=5)
+  with pytest.raises(rundir.WorkdirBusyError, match='on host node-a'):
+    with rundir.lock(tmp_path):  # renewed 5 s ago: alive
+      pass
+  _write_lock(tmp_path, os.getppid(), host='node-a', lease_s=30.0, age=45)
+  _takes_over(tmp_path, caplog, 'lease was last renewed 45 s ago (lease 30 s)')
+
+
+def test_lock_of_a_reused_pid_is_stale(tmp_path, outside_slurm, caplog):
+  # The parent process runs, but it is not the process that wrote the lock.
+  start = rundir._process_start(os.getppid())
+  _write_lock(tmp_path, os.getppid(), pid_start=start + 1, lease_s=120.0)
+  _takes_over(tmp_path, caplog, 'its PID now belongs to another process')
+  _write_lock(tmp_path, os.getppid(), pid_start=start, lease_s=120.0)
+  with pytest.raises(rundir.WorkdirBusyError, match=f'process {os.getppid()}'):
+    with rundir.lock(tmp_path):
+      pass
+
+
+def test_empty_or_unreadable_lock_file_is_stale_after_a_few_seconds(
+    tmp_path, outside_slurm, caplog):
+  path = tmp_path / rundir.LOCK_FILE
+  path.write_text('')
+  with pytest.raises(rundir.WorkdirBusyError, match='cannot be read'):
+    with rundir.lock(tmp_path):  # perhaps being written right now
+      pass
+  os.utime(path, (time.time() - 10,) * 2)
+  _takes_over(tmp_path, caplog, 'empty or unreadable lock file, 10 s old')
+  path.write_text('{"host": "node-a", "pi')
+  os.utime(path, (time.time() - 10,) * 2)
+  _takes_over(tmp_path, caplog, 'empty or unreadable lock file')
+
+
+@pytest.mark.skipif(shutil.which('unshare') is None or os.geteuid() != 0,
+                    reason='needs unshare and root for a second hostname')
+def test_live_writer_on_another_host_keeps_its_lock_by_renewing_it(
+    tmp_path, outside_slurm):
+  """A real process with another hostname (a UTS namespace) holds the lock
+  with a 1 s lease: its heartbeat keeps it, past the lease, until it ends."""
+  script = ('import sys\n'
+            'from jreg import rundir\n'
+            'with rundir.lock(sys.argv[1]):\n'
+            '  print("locked", flush=True)\n'
+            '  sys.stdin.readline()\n')
+  env = dict(os.environ, PYTHONPATH=str(test_train.__file__).rsplit('/tests/', 1)[0],
+             JAX_PLATFORMS='cpu', **{rundir.LEASE_ENV: '1'})
+  holder = subprocess.Popen(
+      ['unshare', '--uts', 'sh', '-c',
+       'hostname nodeb && exec "$0" -c "$1" "$2"', sys.executable, script,
+       str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+      text=True, env=env)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    for _ in range(3):  # 3 s: three leases
+      time.sleep(1)
+      with pytest.raises(rundir.WorkdirBusyError,
+                         match=f'process {holder.pid} on host nodeb'):
+        with rundir.lock(tmp_path):
+          pass
+  finally:
+    holder.communicate('\n', timeout=60)
+  assert holder.returncode == 0
+  assert not (tmp_path / rundir.LOCK_FILE).exists()

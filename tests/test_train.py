@@ -304,7 +304,7 @@ def uninterrupted(tmp_path_factory):
     (2, None),     # during step 3, before any checkpoint
     (None, 3),     # after step 3's records, before its checkpoint
     (7, None),     # during the last step
-    (None, 8),     # in the final evaluation, before the final checkpoint
+    (None, 8),     # in the final evaluation, after the final checkpoint
 ])
 def test_killed_and_restarted_run_ends_as_an_uninterrupted_one(
     tmp_path, uninterrupted, iterator_crash, eval_crash, capsys):
@@ -317,10 +317,13 @@ def test_killed_and_restarted_run_ends_as_an_uninterrupted_one(
     f.write('{"step": 9, "spl')  # as if killed in the middle of a write
   capsys.readouterr()
   state, history = _restartable_fit(tmp_path)
-  resumed_from = {2: None, 3: None, 7: 6, 8: 6}[iterator_crash or eval_crash]
+  resumed_from = {2: None, 3: None, 7: 6, 8: 8}[iterator_crash or eval_crash]
   said = capsys.readouterr().out
-  assert (f'resumed from the checkpoint of step {resumed_from}' in said
-          if resumed_from else 'resumed' not in said)
+  if resumed_from == RESTART_STEPS:  # trained; only the final eval is done again
+    assert 'finished training (step 8 of 8) but not its final evaluation' in said
+  else:
+    assert (f'resumed from the checkpoint of step {resumed_from}' in said
+            if resumed_from else 'resumed' not in said)
   jax.tree.map(np.testing.assert_array_equal, state.params, reference.params)
   jax.tree.map(np.testing.assert_array_equal, state.opt_state, reference.opt_state)
   rows = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))

@@ -25,6 +25,9 @@ experiments means the same thing in both):
                         eval_examples (0: all)
   parallel              'single' | 'sharded' | 'pmap'
   log_every, eval_every, checkpoint_every   intervals in steps (0: at the end)
+  checkpoint_minutes    also checkpoint every this many minutes of training
+                        (0: off; on in `paper` and `small`, off in
+                        `quickstart`)
   model.*               the architecture
   deq.forward.*, deq.backward.*             solver, max_iter, tol, stop_mode
                         (damping: the 'reversible' solver's beta)
@@ -58,9 +61,15 @@ def check_preset(preset: str) -> str:
   return preset
 
 
+CHECKPOINT_MINUTES = 10.0  # time-based checkpoints of `paper` and `small`
+
+
 def base(*, log_every: int = 50, eval_every: int = 0,
-         checkpoint_every: int = 0, seed: int = 0) -> ml_collections.ConfigDict:
-  """The keys of every run: seed, parallel mode and the step intervals."""
+         checkpoint_every: int = 0, seed: int = 0,
+         checkpoint_minutes: float = CHECKPOINT_MINUTES
+         ) -> ml_collections.ConfigDict:
+  """The keys of every run: seed, parallel mode, the step intervals and the
+  time-based checkpoint interval (a `quickstart` preset sets it to 0)."""
   config = ml_collections.ConfigDict()
   config.seed = seed                  # random seed of the run (>= 0)
   config.parallel = 'single'          # 'single': jax.jit on one device;
@@ -69,6 +78,9 @@ def base(*, log_every: int = 50, eval_every: int = 0,
   config.log_every = log_every        # steps between logged records (>= 1)
   config.eval_every = eval_every      # steps between evaluations (0: at the end)
   config.checkpoint_every = checkpoint_every  # steps between checkpoints (0: end)
+  config.checkpoint_minutes = float(checkpoint_minutes)  # also checkpoint every
+                                      # this many minutes (0: off); pre-emption
+                                      # (SIGTERM, SIGUSR1) checkpoints anyway
   return config
 
 

@@ -49,6 +49,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     config.jacobian.probability = config.jacobian.probability_final = 0.5
     config.log_every, config.eval_every, config.checkpoint_every = 10, 100, 0
   elif preset == 'quickstart':
+    config.checkpoint_minutes = 0.0  # seconds-long: no time-based checkpoints
     config.model.name = 'tiny'
     config.model.num_classes = CIFAR10_LABELS
     config.batch_size = 8

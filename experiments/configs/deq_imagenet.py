@@ -61,6 +61,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     config.probe = configs.probe(6, 50, 50)
     config.log_every = 5
   elif preset == 'quickstart':
+    config.checkpoint_minutes = 0.0  # seconds-long: no time-based checkpoints
     config.data.image_size = 32
     config.data.eval_examples = 16
     config.batch_size = 8

@@ -82,6 +82,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
                         proj_init_std=0.05)
     config.log_every, config.eval_every, config.checkpoint_every = 20, 100, 0
   if preset == 'quickstart':
+    config.checkpoint_minutes = 0.0  # seconds-long: no time-based checkpoints
     config.batch_size = config.eval_batch_size = 4
     config.data.seq_len = config.data.eval_seq_len = 16
     config.num_steps = 12

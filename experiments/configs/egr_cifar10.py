@@ -54,6 +54,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     config.sweep.regularizer_coefficient = (0.0, 0.01)
     config.sweep.seed = (0,)
   elif preset == 'quickstart':
+    config.checkpoint_minutes = 0.0  # seconds-long: no time-based checkpoints
     # ResNet-8 (the 6n + 2 family with n = 1), 3 steps on 256 images, plain
     # and EGR: a pipeline check in seconds, accuracies meaningless.
     config.model.name = 'resnet8'

@@ -30,6 +30,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     config.data.train_examples = 10000
     config.measure.num_draws = 200
   elif preset == 'quickstart':
+    config.checkpoint_minutes = 0.0  # seconds-long: no time-based checkpoints
     config.data.train_examples = 2000
     config.measure.batch_sizes = (16, 128)
     config.measure.num_draws = 50

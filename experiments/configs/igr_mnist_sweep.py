@@ -54,6 +54,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     config.sweep.model_width = (50, 200, 800)
     config.sweep.learning_rate = (0.01, 0.05, 0.2)
   elif preset == 'quickstart':
+    config.checkpoint_minutes = 0.0  # seconds-long: no time-based checkpoints
     # Two plain and two EGR runs of a narrow MLP: seconds.
     config.num_steps = 40
     config.batch_size = 256
