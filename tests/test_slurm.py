@@ -32,10 +32,10 @@ FINAL_STATES = {'COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'NODE_FAIL',
 # Small resources on the test node, in place of slurm.sh's 4 nodes x 8 GPUs.
 SMALL_JOB = ['--nodes=1', '--gpus-per-node=0', '--cpus-per-task=1',
              '--mem=3G', '--time=00:15:00']
-# A run of tens of seconds (about 1,000 steps/s on a CPU core) that logs every
-# 1,000 steps, for the interruptions.
-LONG_RUN = ['--config.num_steps=20000', '--config.log_every=1000',
-            '--config.eval_every=10000', '--config.checkpoint_every=5000']
+# A run of 10-30 s (about 1,000 steps/s on a free CPU core) that logs every
+# 500 steps, for the interruptions.
+LONG_RUN = ['--config.num_steps=8000', '--config.log_every=500',
+            '--config.eval_every=4000', '--config.checkpoint_every=4000']
 # Fields that measure time rather than training.
 WALL_CLOCK = re.compile(r'time|second|elapsed|duration|per_s|throughput')
 
@@ -91,7 +91,7 @@ def _wait(job: str, timeout: float, log: pathlib.Path | None = None,
           record.get('Reason') == 'BeginTime' and record.get('Restarts') != '0'):
         subprocess.run(['scontrol', 'update', f'JobId={record["JobId"]}',
                         'StartTime=now'], capture_output=True, check=False)
-    time.sleep(1)
+    time.sleep(0.5)
   description = _describe(job, log)
   subprocess.run(['scancel', job], check=False)
   pytest.fail(f'timed out after {timeout:.0f} s; {description}')
