@@ -15,6 +15,15 @@
 # (pre-emption, node failure, or the USR1 signal 5 minutes before the time
 # limit) resumes from the checkpoints in its --workdir.
 #
+# Pre-emption and the time limit: --signal=B:USR1@300 signals this batch
+# shell only, so it forwards USR1 to the srun step; every process of the run
+# then saves a checkpoint at the next step boundary, releases the workdir and
+# exits with status 75 (EX_TEMPFAIL), on which this script runs
+# `scontrol requeue $SLURM_JOB_ID` and the job comes back. SIGTERM (a
+# pre-emption, `scontrol requeue`, `scancel`) reaches the processes directly
+# and is handled the same way; SLURM then requeues a pre-empted or requeued
+# job by itself and this script does not (a `scancel` stays cancelled).
+#
 # On a Cloud TPU pod there is no SLURM: run the same command on every host
 # with --dist_auto instead (jax.distributed.initialize() with no arguments).
 #SBATCH --job-name=jreg
@@ -36,13 +45,28 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 module_name="$1"; shift
-trap 'echo "time limit near: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
+child=
+terminated=0
+forward() {  # forward() SIGNAL: pass a signal of this shell on to the step
+  echo "jreg: SIG$1 received: the run saves a checkpoint and stops"
+  if [[ -n "$child" ]]; then kill -"$1" "$child" 2>/dev/null; fi
+}
+trap 'forward USR1' USR1
+trap 'terminated=1; forward TERM' TERM
 # Every task sees all the GPUs of its node (no per-task GPU binding), and
 # picks its own with local_device_ids=[SLURM_LOCALID].
 srun --kill-on-bad-exit=1 --cpu-bind=cores \
     python -m "$module_name" --dist_slurm "$@" &
 child=$!
-wait "$child"
-status=$?
-if (( status > 128 )); then wait "$child"; status=$?; fi
+while true; do
+  wait "$child"
+  status=$?
+  # A trapped signal interrupts `wait` (status > 128): wait again.
+  if (( status > 128 )) && kill -0 "$child" 2>/dev/null; then continue; fi
+  break
+done
+if (( status == 75 && ! terminated )); then
+  echo "jreg: the run stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
 exit "$status"

@@ -28,8 +28,10 @@ with `#SBATCH --array=0-(N-1)%P`, and submits it with `sbatch` (with
 `--dry_run` it only writes it). Every array task writes
 `SWEEP_DIR/logs/<array job>_<task>.out`; `--requeue` puts a task back in the
 queue when its node fails or it is pre-empted, and `--signal=B:USR1@S` makes
-the task requeue itself S seconds before its time limit, so a long point
-continues from its checkpoint in a fresh allocation. The script holds the
+the task save a checkpoint S seconds before its time limit (the script
+forwards USR1 to the run, which exits with status 75) and requeue itself
+(`scontrol requeue` of the task's own job id), so a long point continues from
+its checkpoint in a fresh allocation. The script holds the
 commands themselves (no pickled job files).
 
 `SWEEP_DIR/sweep.json` records the experiment, the grid and each point's
@@ -207,15 +209,32 @@ def sbatch_script(sweep: dict, sweep_dir: str, *, job_name: str,
       '  echo "point $name finished already"; exit 0',
       'fi',
       'mkdir -p "$workdir"',
-      '# Near the time limit: back into the queue; the point resumes from its',
-      '# checkpoint (on pre-emption or node failure --requeue does the same).',
-      'trap \'echo "requeueing $name"; scontrol requeue "$SLURM_JOB_ID"\' USR1',
+      '# Near the time limit (--signal=B:USR1@S signals this shell only) the',
+      '# run gets USR1, saves a checkpoint and exits with 75 (EX_TEMPFAIL): the',
+      '# array task goes back into the queue and resumes from its checkpoint.',
+      '# SIGTERM (pre-emption, scontrol requeue, scancel) reaches the run',
+      '# directly; SLURM requeues a pre-empted task by itself (--requeue).',
+      'child=',
+      'terminated=0',
+      'forward() {',
+      '  echo "SIG$1 received: point $name saves a checkpoint and stops"',
+      '  if [[ -n "$child" ]]; then kill -"$1" "$child" 2>/dev/null; fi',
+      '}',
+      "trap 'forward USR1' USR1",
+      "trap 'terminated=1; forward TERM' TERM",
       'echo "point $name on $(hostname): ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"',
-      'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]}" &',
+      'eval "exec ${COMMANDS[$SLURM_ARRAY_TASK_ID]}" &',
       'child=$!',
-      'wait "$child"',
-      'status=$?',
-      'if (( status > 128 )); then wait "$child"; status=$?; fi',
+      'while true; do',
+      '  wait "$child"',
+      '  status=$?',
+      '  if (( status > 128 )) && kill -0 "$child" 2>/dev/null; then continue; fi',
+      '  break',
+      'done',
+      'if (( status == 75 && ! terminated )); then',
+      '  echo "point $name stopped with a checkpoint: requeueing job $SLURM_JOB_ID"',
+      '  scontrol requeue "$SLURM_JOB_ID"',
+      'fi',
       'exit "$status"', '']
   return '\n'.join(lines)
 
