@@ -4,8 +4,10 @@
   `launch.gather` tables both points;
 - `launch/slurm.sh` runs one data-parallel run as a 2-task job, the two
   processes joined by `--dist_slurm` (CPU, gloo), its output in `logs/`;
-- a run interrupted by `scontrol requeue` or by `scancel --signal=USR1`
-  finishes in the same job with the metrics rows of an uninterrupted run.
+- a run interrupted by `scontrol requeue`, by `scancel --signal=USR1` (to
+  the run) or by `scancel --batch --signal=USR1` (to the batch shell, as
+  `--signal=B:USR1@300` near the time limit) finishes in the same job with
+  the metrics rows of an uninterrupted run.
 
 Each test submits with sbatch, polls `scontrol show job` until every record
 of the job is final, and cancels its job when it fails or runs out of time.
@@ -174,8 +176,11 @@ def uninterrupted_rows(tmp_path_factory) -> list[dict]:
   return _rows(workdir / 'metrics.jsonl')
 
 
-@pytest.mark.parametrize('interruption', ['scontrol requeue',
-                                          'scancel --signal=USR1'])
+@pytest.mark.parametrize('interruption', [
+    'scontrol requeue',           # SIGTERM to every process; SLURM requeues
+    'scancel --signal=USR1',      # USR1 to the run; slurm.sh requeues on 75
+    'scancel --batch --signal=USR1',  # as --signal=B:USR1: slurm.sh forwards
+])
 def test_interrupted_run_ends_with_uninterrupted_rows(
     tmp_path, cancel_jobs, uninterrupted_rows, interruption):
   workdir = tmp_path / 'run'
@@ -189,10 +194,7 @@ def test_interrupted_run_ends_with_uninterrupted_rows(
   assert records[0]['JobState'] == 'RUNNING', _describe(job, log)
   assert len(_rows(metrics)) < len(uninterrupted_rows), (
       'the run ended before it was interrupted')
-  if interruption == 'scontrol requeue':
-    _run(['scontrol', 'requeue', job])
-  else:
-    _run(['scancel', '--signal=USR1', job])
+  _run([*interruption.split(), job])
   [record] = _wait(job, 400, log)
   assert record['JobState'] == 'COMPLETED', _describe(job, log)
   assert int(record['Restarts']) >= 1, _describe(job, log)
