@@ -198,6 +198,9 @@ def test_interrupted_run_ends_with_uninterrupted_rows(
   [record] = _wait(job, 400, log)
   assert record['JobState'] == 'COMPLETED', _describe(job, log)
   assert int(record['Restarts']) >= 1, _describe(job, log)
+  # After USR1 the job is requeued by launch/slurm.sh, after SIGTERM by SLURM.
+  requeued_by_script = 'requeueing job' in log.read_text()
+  assert requeued_by_script == ('USR1' in interruption), _describe(job, log)
   rows = _rows(metrics)
   assert [row['step'] for row in rows] == [
       row['step'] for row in uninterrupted_rows], 'rows lost or duplicated'
