@@ -136,8 +136,8 @@ def plot(config, results, paths, workdir) -> None:
             (hs, [e['distance_to_flattest'] for e in ends])},
         xlabel='learning rate h', ylabel='‖θ‖, distance (dimensionless)',
         marker='o', title=f'GD after time T = {config.horizon}')
-    ax.axhline(np.linalg.norm(results['flattest_minimum']), color='k', ls=':',
-               lw=1)  # ‖θ‖ of the flattest minimum
+    plotting.budget(ax, float(np.linalg.norm(results['flattest_minimum'])),
+                    '‖θ‖ of the flattest minimum')
 
 
 if __name__ == '__main__':

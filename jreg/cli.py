@@ -30,8 +30,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -91,6 +92,37 @@ def get_config(name: str, preset: str = 'paper',
   except ValueError as error:
     raise ConfigError(str(error)) from None
   override(config, overrides or {})
+  validate(name, config)
+  return config
+
+
+def command_config(name: str, argv: Sequence[str]) -> ml_collections.ConfigDict:
+  """The validated config of `python -m experiments.NAME ARGV`, run or not.
+
+  `argv` holds the command's `--config=FILE[:PRESET]` and `--config.KEY=VALUE`
+  flags (other flags are refused). They are parsed as the command parses them and
+  the config is checked as the command checks it (`validate`), so a launcher
+  can refuse a command before it queues it.
+
+  Raises:
+    ConfigError: the sentence the command would print: a file that cannot be
+      loaded or an unknown preset, an unknown key, a value of the wrong type
+      or out of range.
+  """
+  argv = [f'experiments.{name}', *argv]
+  values = flags.FlagValues()
+  try:
+    config_flag = config_flags.DEFINE_config_file(
+        'config', config_file(name), flag_values=values, lock_config=True,
+        sys_argv=argv)
+    values(argv)
+    config = _loaded(config_flag)
+  except flags.Error as error:
+    raise ConfigError(_flag_error_sentence(error)) from None
+  except (KeyError, AttributeError) as error:
+    raise ConfigError(_unknown_key_sentence(error, argv)) from None
+  except app.UsageError as error:
+    raise ConfigError(str(error)) from None
   validate(name, config)
   return config
 
@@ -238,7 +270,8 @@ def config_change_allowed() -> bool:
 def execute(name: str,
             run_fn: Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]],
             config: ml_collections.ConfigDict, workdir: str,
-            allow_config_change: bool = False) -> Mapping[str, Any]:
+            allow_config_change: bool = False,
+            report: bool = True) -> Mapping[str, Any]:
   """Runs experiment `name` in `workdir` as its command does; returns its results.
 
   Validates the config, checks the global batch against the devices, locks
@@ -247,7 +280,9 @@ def execute(name: str,
   `allow_config_change`) and shows it in TensorBoard, then calls
   `run_fn(config, workdir)` with SIGTERM / SIGUSR1 asking its training to
   stop (`jreg.train.stop_on_signals`) and the config's `checkpoint_minutes`
-  as the time-based checkpoint interval of its `fit` calls.
+  as the time-based checkpoint interval of its `fit` calls, and, with
+  `report`, writes `workdir/report.html` (`jreg.report`: the numbers with
+  units, the figures, the config, the command).
 
   Raises:
     jreg.errors.UserError: ConfigError, a busy or unusable workdir, a changed
@@ -262,7 +297,11 @@ def execute(name: str,
                         allow_change=allow_config_change)
     log_config(workdir, config)
     with _train.checkpoint_seconds(60.0 * minutes):
-      return run_fn(config, workdir)
+      results = run_fn(config, workdir)
+    if report and jax.process_index() == 0:
+      from jreg import report as report_lib  # pylint: disable=g-import-not-at-top
+      report_lib.write_run_report(workdir, name, config, results)
+    return results
 
 
 def headline(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -277,15 +316,18 @@ def headline(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def main(run_fn: Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]],
-         name: str) -> None:
+         name: str,
+         finish: Callable[[Mapping[str, Any], str], None] | None = None,
+         report: bool = True) -> None:
   """The `__main__` of experiment `name`: the whole command around `run_fn`.
 
   Defines `--config` (default `experiments/configs/NAME.py`, preset `paper`),
   parses it, validates it, joins a multi-host run, checks the global batch
   against the devices, locks the workdir, saves the config as
   `W/config.json` (refusing a resume under a different one unless
-  `--allow_config_change`) and in TensorBoard, calls `run_fn(config, W)` and
-  prints one line with the headline numbers.
+  `--allow_config_change`) and in TensorBoard, calls `run_fn(config, W)`,
+  writes `W/report.html` (unless `report` is False) and prints one line with
+  the headline numbers, or calls `finish(results, W)` instead when given.
   """
   try:
     # Parses the default file and any --config.KEY=VALUE of sys.argv already.
@@ -309,11 +351,18 @@ def main(run_fn: Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]],
     except ConfigError as error:
       raise app.UsageError(str(error)) from None
     workdir = start()
-    results = execute(name, run_fn, config, workdir, ALLOW_CONFIG_CHANGE.value)
+    results = execute(name, run_fn, config, workdir, ALLOW_CONFIG_CHANGE.value,
+                      report=report)
+    if finish is not None:
+      finish(results, workdir)
+      return
     numbers = headline(results)
     shown = dict(list(numbers.items())[:HEADLINE_SIZE])
     more = f' (+{len(numbers) - len(shown)} more)' if len(numbers) > len(shown) else ''
-    print(f'{name} finished in {workdir}: {json.dumps(shown)}{more}', flush=True)
+    page = os.path.join(workdir, 'report.html')
+    where = f'; report: {page}' if report and os.path.isfile(page) else ''
+    print(f'{name} finished in {workdir}: {json.dumps(shown)}{more}{where}',
+          flush=True)
 
   run(command)
 
@@ -345,23 +394,42 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
-    message = _first_line(error)
-    if 'Traceback' in str(error):
-      message = f'--config could not be loaded: {message}'
+    message = _flag_error_sentence(error)
   except (KeyError, AttributeError) as error:
     _refuse_unknown_key(error, argv)
   print(f'FATAL Flags parsing error: {message}', file=sys.stderr, flush=True)
   sys.exit(1)
 
 
+def _flag_error_sentence(error: flags.Error) -> str:
+  """One sentence for a flag that absl or ml_collections could not parse."""
+  message = _first_line(error)
+  if 'Traceback' in str(error):
+    message = f'--config could not be loaded: {message}'
+  return message
+
+
+def _unknown_key_sentence(error: BaseException, argv: Sequence[str]) -> str:
+  """One sentence for a `--config.KEY` that the config lacks.
+
+  ml_collections raises `KeyError`/`AttributeError` whose text is the quoted
+  key, at times with a suggestion (`Did you mean "learning_rate" ...?`).
+  """
+  text = str(error).replace('\\', '')
+  quoted = re.search(r'[\'"]([A-Za-z_][A-Za-z0-9_]*)[\'"]', text)
+  key = quoted.group(1) if quoted else _first_line(error).strip('\'"')
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  hint = (f'did you mean {suggestion.group(1)!r}?' if suggestion else
+          'the keys are those of its get_config')
+  given = [arg.split('=', 1)[0] for arg in argv[1:] if arg.startswith('--config.')]
+  named = [arg for arg in given if key in arg.split('.')[1:]] or given
+  return f'{", ".join(named)}: the config has no key {key!r} ({hint}).'
+
+
 def _refuse_unknown_key(error: BaseException, argv: list[str]) -> None:
   """Exits with one sentence for a `--config.KEY` that the config lacks."""
-  key = _first_line(error).strip('\'"')
-  given = [arg.split('=', 1)[0] for arg in argv[1:] if arg.startswith('--config.')]
-  named = [arg for arg in given if arg.split('.')[-1] == key] or given
-  print(f'FATAL Flags parsing error: {", ".join(named)}: the config has no key '
-        f'{key!r} (the keys are those of its get_config).', file=sys.stderr,
-        flush=True)
+  print(f'FATAL Flags parsing error: {_unknown_key_sentence(error, argv)}',
+        file=sys.stderr, flush=True)
   sys.exit(1)
 
 

@@ -38,7 +38,11 @@ class MetricWriter:
   Only process 0 writes files; every process keeps the records it was given in
   `history`. The records hold no timings, so a resumed run writes exactly the
   rows of an uninterrupted one; the speed is shown on the console (log line,
-  progress bar) only.
+  progress bar) only. The log line's speed is measured from the steps and
+  times of the train records over at least `SPEED_WINDOW_S` seconds, so that
+  records written together (a checkpoint's record right after a log step's,
+  on a backend that runs each step as it is dispatched) do not show the
+  time between two writes as the time of a step.
 
   Args:
     workdir: the run's directory.
@@ -52,13 +56,13 @@ class MetricWriter:
 
   def __init__(self, workdir: str, total_steps: int | None = None,
                write_files: bool = True, tensorboard: bool = True,
-               first_step: int = 1):
+               first_step: int = 1, clock=time.perf_counter):
     self.total_steps = total_steps
     self.history: list[dict] = []
     self._jsonl = None
     self._tb = None
-    self._last_time = None
-    self._last_step = None
+    self._clock = clock
+    self._train_times: list[tuple[int, float]] = []  # (step, time) of records
     if write_files:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
@@ -87,10 +91,14 @@ class MetricWriter:
   def _show(self, record: dict) -> None:
     speed = ''
     if record['split'] == 'train':
-      now, step = time.perf_counter(), record['step']
-      if self._last_time is not None and step > self._last_step:
-        speed = f' ({(step - self._last_step) / (now - self._last_time):.3g} steps/s)'
-      self._last_time, self._last_step = now, step
+      now, step = self._clock(), record['step']
+      rate = steps_per_second(self._train_times, step, now)
+      if rate is not None:
+        speed = f' ({format_speed(rate)})'
+      # Keeps the newest record old enough to measure from, and those after it.
+      times = [(s, t) for s, t in self._train_times if s < step]
+      old = [i for i, (_, t) in enumerate(times) if now - t >= SPEED_WINDOW_S]
+      self._train_times = times[old[-1] if old else 0:] + [(step, now)]
     total = f'/{self.total_steps}' if self.total_steps else ''
     logging.info('[%s] step %d%s %s%s', record['split'], record['step'], total,
                  format_record(record), speed)
@@ -100,6 +108,32 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+SPEED_WINDOW_S = 1.0  # the shortest span the log line's steps/s is measured over
+
+
+def steps_per_second(earlier: list[tuple[int, float]], step: int, now: float,
+                     window: float = SPEED_WINDOW_S) -> float | None:
+  """Training speed at `step` (reached at time `now`) from earlier records.
+
+  `earlier` holds the `(step, time)` of earlier train records, oldest first.
+  The speed is measured back to the newest of them that is at least `window`
+  seconds old (records written together measure no time between them).
+
+  Returns:
+    Steps per second, or None when no earlier record is old enough or none
+    is of an earlier step.
+  """
+  for old_step, old_time in reversed(earlier):
+    if now - old_time >= window and old_step < step:
+      return (step - old_step) / (now - old_time)
+  return None
+
+
+def format_speed(rate: float) -> str:
+  """`'12.3 steps/s'`, or `'36.8 s/step'` below one step per second (as tqdm)."""
+  return f'{rate:.3g} steps/s' if rate >= 1 else f'{1 / rate:.3g} s/step'
 
 
 def format_record(record: Mapping) -> str:

@@ -1,7 +1,11 @@
 """PNG figures without touching matplotlib's global backend.
 
 `figure(path)` is a context manager that yields a `(fig, axes)` pair and writes
-the PNG when the block ends; `curves` draws several metric series on one axis.
+the PNG when the block ends; `curves` draws several metric series on one axis;
+`budget` draws a labelled horizontal line (a solver's `max_iter`, a target).
+Every figure is decluttered before it is written (`declutter`): tick labels
+that would overlap are thinned, rotated or fewer, so that a printed figure
+can be read; `tick_label_overlaps` lists any that still do.
 
 Figures are `matplotlib.figure.Figure` objects drawn on their own Agg canvas
 (`FigureCanvasAgg`), never through `pyplot`: importing this module does not
@@ -13,9 +17,11 @@ it inline when it is the value of a cell (or with `IPython.display.display`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
@@ -36,8 +42,10 @@ def new_figure(ncols: int = 1, nrows: int = 1, size=(5.0, 3.6), **kwargs):
 
 
 def save(fig: Figure, path: str, dpi: int = 120) -> None:
-  """Writes `fig` as a PNG at `path` (creating its directory)."""
+  """Writes `fig` as a PNG at `path` (creating its directory), decluttered."""
   fig.tight_layout()
+  if declutter(fig):
+    fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=dpi)
 
@@ -53,6 +61,8 @@ def figure(path: Optional[str], ncols: int = 1, nrows: int = 1, size=(5.0, 3.6),
   yield fig, axes
   if path is None:
     fig.tight_layout()
+    if declutter(fig):
+      fig.tight_layout()
   else:
     save(fig, path)
 
@@ -74,3 +84,144 @@ def curves(ax, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
   if len(series) > 1:
     ax.legend(fontsize='small')
   ax.grid(alpha=0.3)
+
+
+def budget(ax, value: Optional[float], label: str, color: str = 'black') -> None:
+  """A dashed horizontal line at `value` with `label` written on it (e.g. a
+  solver's evaluation budget `max_iter`, or a target); nothing for None."""
+  if value is None:
+    return
+  ax.axhline(value, color=color, ls='--', lw=1, alpha=0.7)
+  # Room above the line for its label when the line is at the top.
+  scale = ax.get_yscale() == 'log' and value > 0
+  to, back = (np.log10, lambda v: 10 ** v) if scale else (float, float)
+  low, high = ax.get_ylim()
+  span = to(high) - to(low)
+  if span > 0 and to(value) > to(high) - 0.12 * span:
+    ax.set_ylim(low, back(to(value) + 0.12 * span))
+  ax.annotate(f'{label} = {value:g}', xy=(1.0, value),
+              xycoords=('axes fraction', 'data'), xytext=(-3, 2),
+              textcoords='offset points', ha='right', va='bottom',
+              fontsize='small', color=color)
+
+
+def solver_budgets(config: Any) -> dict[str, Optional[int]]:
+  """The NFE budgets of a DEQ run's config (a ConfigDict or its dict):
+  `{'forward_nfe': deq.forward.max_iter, 'backward_nfe': deq.backward.max_iter,
+  'probe_nfe_to_tol': probe.max_iter}`, None where the config has none."""
+  def get(*keys):
+    node = config
+    for key in keys:
+      try:
+        node = node[key]
+      except (KeyError, TypeError, AttributeError):
+        return None
+    return node if isinstance(node, (int, float)) else None
+  return {'forward_nfe': get('deq', 'forward', 'max_iter'),
+          'backward_nfe': get('deq', 'backward', 'max_iter'),
+          'probe_nfe_to_tol': get('probe', 'max_iter')}
+
+
+def _axes_axis(ax):
+  """(name, axis) of each axis of `ax` (x, y and, on 3-D axes, z)."""
+  out = [('x', ax.xaxis), ('y', ax.yaxis)]
+  if hasattr(ax, 'zaxis'):
+    out.append(('z', ax.zaxis))
+  return out
+
+
+def _drawn_labels(axis, which: str = 'both') -> list:
+  """The tick labels an axis draws (of `which` ticks: 'major', 'minor',
+  'both'): visible, with text, inside its view."""
+  low, high = sorted(axis.get_view_interval())
+  slack = 1e-9 * max(abs(low), abs(high), 1e-300)
+  labels = []
+  kinds = {'major': (axis.get_majorticklocs(), axis.get_major_ticks),
+           'minor': (axis.get_minorticklocs(), axis.get_minor_ticks)}
+  for kind, (locs, ticks) in kinds.items():
+    if which not in ('both', kind):
+      continue
+    for loc, tick in zip(locs, ticks(len(locs))):
+      label = tick.label1
+      if (label.get_visible() and label.get_text().strip()
+          and low - slack <= loc <= high + slack):
+        labels.append(label)
+  return labels
+
+
+def _overlaps(axis, renderer) -> list[tuple[str, str]]:
+  boxes = [(label.get_text(), label.get_window_extent(renderer))
+           for label in _drawn_labels(axis)]
+  return [(a, b) for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2)
+          if box_a.x0 < box_b.x1 - 1 and box_b.x0 < box_a.x1 - 1
+          and box_a.y0 < box_b.y1 - 1 and box_b.y0 < box_a.y1 - 1]
+
+
+def tick_label_overlaps(fig: Figure) -> list[tuple[int, str, str, str]]:
+  """`(axes index, axis name, label, label)` of tick labels that overlap
+  (by more than a pixel) when `fig` is drawn."""
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  return [(index, name, a, b)
+          for index, ax in enumerate(fig.axes) if ax.get_visible()
+          for name, axis in _axes_axis(ax)
+          for a, b in _overlaps(axis, renderer)]
+
+
+def _plain(value, _=None) -> str:
+  return f'{value:g}'
+
+
+def _plain_log(axis) -> None:
+  """Minor labels off; over fewer than 3 decades, major ticks at 1, 2 and 5
+  per decade, written plainly (0.002, not 2×10⁻³)."""
+  axis.set_minor_formatter(ticker.NullFormatter())
+  low, high = sorted(axis.get_view_interval())
+  if 0 < low and high / low < 1e3:
+    axis.set_major_locator(ticker.LogLocator(10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(_plain))
+
+
+def declutter(fig: Figure, rounds: int = 4) -> bool:
+  """Changes the ticks of `fig` until no two tick labels overlap; returns
+  whether it changed any.
+
+  A log axis whose minor ticks are labelled (it spans few decades) gets
+  ticks at 1, 2 and 5 per decade, written plainly (0.002, not 2×10⁻³). Then,
+  per axis whose labels overlap, in turn: minor tick labels are removed; the
+  labels are rotated (x axes of 2-D plots); the ticks are fewer.
+  """
+  changed = False
+  log_axes = [axis for ax in fig.axes for _, axis in _axes_axis(ax)
+              if axis.get_scale() == 'log']
+  if log_axes:   # labelled minor ticks (few decades): 1, 2, 5, plainly
+    fig.canvas.draw()
+    for axis in log_axes:
+      if _drawn_labels(axis, 'minor'):
+        _plain_log(axis)
+        changed = True
+  for attempt in range(rounds):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    crowded = [(ax, name, axis) for ax in fig.axes if ax.get_visible()
+               for name, axis in _axes_axis(ax) if _overlaps(axis, renderer)]
+    if not crowded:
+      return changed or attempt > 0
+    for ax, name, axis in crowded:
+      minor = _drawn_labels(axis, 'minor')
+      is_log = axis.get_scale() == 'log'
+      three_d = hasattr(ax, 'zaxis')
+      if attempt == 0 and (minor or is_log):
+        axis.set_minor_formatter(ticker.NullFormatter())
+        if is_log:
+          _plain_log(axis)
+      elif attempt <= 1 and name == 'x' and not three_d:
+        for label in axis.get_ticklabels():
+          label.set_rotation(30)
+          label.set_horizontalalignment('right')
+      elif is_log:
+        axis.set_major_locator(ticker.LogLocator(10, subs=(1.0,)))
+      else:
+        count = max(2, len(_drawn_labels(axis)) // 2)
+        axis.set_major_locator(ticker.MaxNLocator(count, steps=[1, 2, 5, 10]))
+  return True

@@ -168,6 +168,7 @@ class _StopSignals:
         for sig, previous in self._previous.items():
           signal.signal(sig, previous)
         self._previous = {}
+        self.received = None  # a signal no `fit` acted on is not kept
 
 
 _stop = _StopSignals()

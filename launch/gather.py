@@ -9,10 +9,16 @@ writes into SWEEP_DIR:
 - `table.csv`: one row per point: its name, whether it finished, the config
   keys whose values differ between points, then every scalar result;
 - `table.json`: the same rows with the whole flattened config and results;
-- figures, for each numeric scalar result (or those of `--metrics`):
-  `heatmap_<metric>.png` over the first two swept keys (a colour bar gives
-  the metric; further swept keys are averaged over), or
-  `<metric>_vs_<key>.png` when one key is swept.
+- figures, for each numeric result that varies over the finished points (or
+  those of `--metrics`): `heatmap_<metric>.png` over the first two swept keys
+  (a colour bar gives the metric; further swept keys are averaged over), or
+  `<metric>_vs_<key>.png` when one key is swept. The swept keys are the
+  grid's keys when `sweep.json` gives the grid, else the config keys whose
+  values differ between points; a result that is the same at every point or
+  is not a number is listed, not drawn.
+
+It prints the table (the swept keys and the results that vary) as aligned
+text, and the results that are the same at every point below it.
 
 A point without `results.json` (unfinished or failed) is listed with
 `finished` false; a damaged JSON file is one sentence and exit code 1.
@@ -104,12 +110,10 @@ def gather(sweep_dir: str) -> dict[str, Any]:
   swept = [key for key in keys if len({json.dumps(row['config'].get(key))
                                        for row in rows}) > 1]
   sweep_file = _read_json(root / 'sweep.json')
-  if sweep_file:  # the grid's own order of keys first
-    order = [key for key in re.findall(r'(?:^|;)\s*(?:config\.)?([^=;]+)=',
-                                       sweep_file.get('grid', ''))]
-    swept = ([key.strip() for key in order if key.strip() in swept] +
-             [key for key in swept if key not in
-              [k.strip() for k in order]])
+  if sweep_file and sweep_file.get('grid'):  # the grid's keys, in its order
+    order = [key.strip() for key in re.findall(
+        r'(?:^|;)\s*(?:config\.)?([^=;]+)=', sweep_file['grid'])]
+    swept = [key for key in order if key in swept]
   metrics = []
   for row in rows:
     metrics += [key for key in row['results'] if key not in metrics]
@@ -133,6 +137,70 @@ def write_tables(table: dict[str, Any], sweep_dir: str) -> tuple[str, str]:
   return csv_path, json_path
 
 
+def varying(table: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+  """The numeric results that differ between the finished points, and
+  `{result: value}` of the scalar results that are the same at all of them."""
+  rows = [row for row in table['rows'] if row['finished']]
+  varied, constant = [], {}
+  for key in table['metrics']:
+    values = [row['results'].get(key) for row in rows]
+    distinct = {json.dumps(value) for value in values}
+    if len(distinct) == 1:
+      constant[key] = values[0]
+    elif any(_is_number(value) for value in values):
+      numbers = [value for value in values if _is_number(value)]
+      if len(numbers) < len(values) or not np.allclose(
+          numbers, numbers[0], rtol=1e-12, atol=0):
+        varied.append(key)
+      else:
+        constant[key] = numbers[0]
+  return varied, constant
+
+
+def _cell(value: Any) -> str:
+  if isinstance(value, float):
+    return f'{value:.4g}'
+  return '' if value is None else str(value)
+
+
+def format_table(table: dict[str, Any]) -> str:
+  """The table as aligned text: a row per point with its swept keys and the
+  results that vary, then a line with the results that are the same."""
+  varied, constant = varying(table)
+  header = ['point', 'finished'] + table['swept'] + varied
+
+  def order(row):   # by the swept values, numbers as numbers
+    return [(0, value, '') if _is_number(value) else (1, 0, json.dumps(value))
+            for value in (row['config'].get(key) for key in table['swept'])]
+
+  lines = [header] + [
+      [row['point'], 'yes' if row['finished'] else 'no'] +
+      [_cell(row['config'].get(key)) for key in table['swept']] +
+      [_cell(row['results'].get(key)) for key in varied]
+      for row in sorted(table['rows'], key=order)]
+  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+  numeric = [i >= 2 and all(_is_number(_as_number(line[i])) or not line[i]
+                            for line in lines[1:]) for i in range(len(header))]
+  text = []
+  for index, line in enumerate(lines):
+    cells = [cell.rjust(width) if numeric[i] else cell.ljust(width)
+             for i, (cell, width) in enumerate(zip(line, widths))]
+    text.append('  '.join(cells).rstrip())
+    if index == 0:
+      text.append('  '.join('-' * width for width in widths))
+  if constant:
+    text.append('the same at every finished point: ' + ', '.join(
+        f'{key}={_cell(value)}' for key, value in constant.items()))
+  return '\n'.join(text)
+
+
+def _as_number(text: str) -> Any:
+  try:
+    return float(text)
+  except ValueError:
+    return None
+
+
 def _axis_values(rows: Sequence[dict], key: str) -> list[Any]:
   values = {json.dumps(row['config'].get(key)): row['config'].get(key)
             for row in rows}
@@ -154,13 +222,15 @@ def draw(table: dict[str, Any], sweep_dir: str,
   swept = table['swept']
   if not rows or not swept:
     return []
-  chosen = list(metrics) or [
-      key for key in table['metrics']
-      if any(_is_number(row['results'].get(key)) for row in rows)]
+  chosen = list(metrics) or varying(table)[0]
   unknown = [key for key in chosen if key not in table['metrics']]
   if unknown:
     raise GatherError(f'--metrics names {unknown}, which no point reports '
                       f'(results: {table["metrics"]}).')
+  words = [key for key in chosen
+           if not any(_is_number(row['results'].get(key)) for row in rows)]
+  if words:
+    raise GatherError(f'--metrics names {words}, which are not numbers.')
   paths = []
   for metric in chosen:
     if len(swept) == 1:
@@ -197,9 +267,10 @@ def draw(table: dict[str, Any], sweep_dir: str,
       ax.set_title(f'{metric}' + (f' (mean over {", ".join(others)})'
                                   if others else ''))
       for (i, j), value in np.ndenumerate(grid):
-        if np.isfinite(value):
+        if np.isfinite(value):   # dark text on the light end of the colours
           ax.text(j, i, f'{value:.3g}', ha='center', va='center',
-                  color='white', fontsize='small')
+                  color='black' if image.norm(value) > 0.6 else 'white',
+                  fontsize='small')
     paths.append(path)
   return paths
 
@@ -232,6 +303,7 @@ def main(argv):
   except GatherError as error:
     raise SystemExit(f'error: {error}') from None
   finished = sum(row['finished'] for row in table['rows'])
+  print(format_table(table))
   print(f'{finished} of {len(table["rows"])} points finished; swept '
         f'{table["swept"]}; wrote {csv_path}, {json_path}' +
         ''.join(f', {path}' for path in figures))

@@ -1,6 +1,7 @@
-"""Runs one experiment over a grid of config values: a SLURM job array, or here.
+r"""Runs one experiment over a grid of config values: a SLURM job array, or here.
 
-Each point of the grid is one ordinary run,
+Each point of the grid (`--grid='a=1,2;b=x,y'`: every combination, here four
+points; `--set=KEY=VALUE`: the same value in every point) is one ordinary run,
 
     python -m experiments.NAME --workdir=SWEEP_DIR/points/<point> \
         --config=CONFIG --config.KEY=VALUE ...
@@ -9,10 +10,12 @@ in a work directory of its own, so a point that is stopped resumes from its
 own checkpoint when it runs again, and a point that finished (it holds
 `results.json`) is skipped.
 
-    # Here (a laptop, a workstation): --max_parallel points at a time.
-    python -m launch.sweep --experiment=igr_mnist_sweep --sweep_dir=runs/s1 \
-        --config=experiments/configs/igr_mnist_sweep.py:quick \
-        --grid='optimizer.learning_rate=0.01,0.1;model.width=64,128' \
+    # Here (a laptop, a workstation): --max_parallel points at a time; at
+    # the quickstart preset and 160 steps a point takes seconds (drop both
+    # for the paper's runs).
+    python -m launch.sweep --experiment=synthetic_mlp --sweep_dir=runs/s1 \
+        --config=experiments/configs/synthetic_mlp.py:quickstart \
+        --grid='learning_rate=0.003,0.01' --set=num_steps=160 \
         --executor=local --max_parallel=2
 
     # SLURM: one job array, one array task per point, each with its own
@@ -34,6 +37,14 @@ forwards USR1 to the run, which exits with status 75) and requeue itself
 its checkpoint in a fresh allocation. The script holds the
 commands themselves (no pickled job files).
 
+Nothing is written or queued before every point passes the experiment's own
+checks: the launcher loads each point's config (`--config` with its preset,
+the `--set` values, the point's values) and validates it as the experiment's
+command does (`jreg.cli.command_config`). An unknown experiment, preset or
+key, a value of the wrong type or out of range is one sentence naming the
+point, and exit status 1. (A module outside `experiments/` is only checked to
+exist.)
+
 `SWEEP_DIR/sweep.json` records the experiment, the grid and each point's
 command; `launch.gather` reads it with the points' `config.json` and
 `results.json`.
@@ -41,6 +52,7 @@ command; `launch.gather` reads it with the points' `config.json` and
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import itertools
 import json
 import os
@@ -135,6 +147,70 @@ def plan(sweep_dir: str, experiment: str, config: Optional[str], grid: str,
                      'values.')
   return {'experiment': experiment_module(experiment), 'config': config,
           'grid': grid, 'fixed': fixed_values, 'points': points}
+
+
+def configurable_experiments() -> list[str]:
+  """The experiments of `experiments/` that have a config file."""
+  configs = (REPO / 'experiments' / 'configs').glob('*.py')
+  return sorted(path.stem for path in configs if path.stem != '__init__'
+                and (REPO / 'experiments' / path.name).is_file())
+
+
+def _from_repo(arg: str) -> str:
+  """`--config=FILE[:PRESET]` with FILE as the points see it (they run in REPO)."""
+  if not arg.startswith('--config='):
+    return arg
+  path = arg[len('--config='):]
+  return '--config=' + (path if os.path.isabs(path) else str(REPO / path))
+
+
+def check(sweep: dict) -> None:
+  """Refuses a sweep that the experiment would refuse at some point.
+
+  Loads every point's config from the point's own `--config` flags and
+  validates it as the experiment's command does (`jreg.cli.command_config`):
+  nothing is written or queued before this passes. A module outside
+  `experiments/` is only checked to exist.
+
+  Raises:
+    SweepError: an unknown experiment, or one sentence naming the first point
+      that the experiment refuses and why.
+  """
+  module = sweep['experiment']
+  package, _, name = module.rpartition('.')
+  known = configurable_experiments()
+  try:
+    found = importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):
+    found = False
+  if not found:
+    given = name if package == 'experiments' else module
+    raise SweepError(f'unknown experiment {given!r} (no module {module}); the '
+                     f'experiments are {", ".join(known)}.')
+  if package != 'experiments':
+    return
+  if name not in known:
+    raise SweepError(f'experiment {name!r} has no config file '
+                     f'experiments/configs/{name}.py, so its points take no '
+                     f'--config settings; the experiments are {", ".join(known)}.')
+  from jreg import cli  # pylint: disable=g-import-not-at-top
+  refused = []
+  for index, point in enumerate(sweep['points'], 1):
+    argv = [_from_repo(arg) for arg in point['command']
+            if arg.startswith('--config')]
+    try:
+      cli.command_config(name, argv)
+    except cli.ConfigError as error:
+      refused.append((index, point['name'], str(error).rstrip('.')))
+  if not refused:
+    return
+  count = len(sweep['points'])
+  if len(refused) == count > 1 and len({r[2] for r in refused}) == 1:
+    raise SweepError(f'every point of {module} is refused: {refused[0][2]}.')
+  index, first, message = refused[0]
+  more = f' (and {len(refused) - 1} more)' if len(refused) > 1 else ''
+  raise SweepError(f'point {index} of {count} ({first}){more} is refused by '
+                   f'{module}: {message}.')
 
 
 def _run_point(point: dict, log_dir: str) -> int:
@@ -285,21 +361,33 @@ def define_flags() -> None:
       'slurm_option', [], "Extra '#SBATCH' options, e.g. --slurm_option=--qos=high.")
 
 
-def main(argv):
+def checked_plan(argv: Sequence[str]) -> dict:
+  """The sweep of the command's flags, every point checked (`check`).
+
+  Raises:
+    SweepError: a wrong flag, grid or setting, or a point the experiment
+      refuses.
+  """
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}.')
+    raise SweepError(f'unexpected arguments {argv[1:]}.')
   if not FLAGS.experiment or not FLAGS.sweep_dir:
-    raise app.UsageError('--experiment and --sweep_dir are required.')
+    raise SweepError('--experiment and --sweep_dir are required.')
   if FLAGS.max_parallel < 1 or FLAGS.slurm_parallelism < 1:
-    raise app.UsageError('--max_parallel and --slurm_parallelism must be >= 1.')
+    raise SweepError('--max_parallel and --slurm_parallelism must be >= 1.')
   if not re.fullmatch(r'(\d+-)?\d+(:\d\d){0,2}', FLAGS.slurm_time):
-    raise app.UsageError(f'--slurm_time={FLAGS.slurm_time!r} is not a SLURM '
-                         'time limit ([D-]HH:MM:SS or minutes).')
+    raise SweepError(f'--slurm_time={FLAGS.slurm_time!r} is not a SLURM '
+                     'time limit ([D-]HH:MM:SS or minutes).')
+  sweep = plan(FLAGS.sweep_dir, FLAGS.experiment, FLAGS.config,
+               FLAGS.grid, FLAGS.set, FLAGS.python)
+  check(sweep)
+  return sweep
+
+
+def main(argv):
   try:
-    sweep = plan(FLAGS.sweep_dir, FLAGS.experiment, FLAGS.config,
-                 FLAGS.grid, FLAGS.set, FLAGS.python)
+    sweep = checked_plan(argv)
   except SweepError as error:
-    raise app.UsageError(str(error)) from None
+    raise SystemExit(f'error: {error}') from None
   sweep_dir = os.path.abspath(FLAGS.sweep_dir)
   os.makedirs(os.path.join(sweep_dir, 'logs'), exist_ok=True)
   sweep['executor'] = FLAGS.executor

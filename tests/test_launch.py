@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -299,6 +300,108 @@ def test_slurm_dry_run_writes_the_script(tmp_path, stub_experiment):
   assert bad.returncode != 0 and 'not a SLURM time limit' in bad.stderr
 
 
+def _docstring_commands():
+  """The commands of launch.sweep's docstring (its --help), as argument lists."""
+  commands, lines = [], []
+  for line in sweep.__doc__.splitlines():
+    line = line.strip()
+    if lines or line.startswith('python -m launch.'):
+      lines.append(line.removesuffix('\\'))
+      if not line.endswith('\\'):
+        commands.append(shlex.split(' '.join(lines), comments=True))
+        lines = []
+  return commands
+
+
+def test_the_help_example_runs_then_gathers(tmp_path):
+  local, slurm, gathering = _docstring_commands()
+  assert local[:3] == slurm[:3] == ['python', '-m', 'launch.sweep']
+  assert gathering[:3] == ['python', '-m', 'launch.gather']
+  assert '--executor=local' in local and '--executor=slurm' in slurm
+  example_dir = '--sweep_dir=runs/s1'
+  assert example_dir in local and example_dir in gathering
+  here = f'--sweep_dir={tmp_path / "s1"}'
+
+  def mine(command):
+    return [here if arg == example_dir else arg for arg in command[3:]]
+
+  result = _launch('launch.sweep', *mine(local))
+  assert 'all 2 points done' in result.stdout
+  # The SLURM example is the local one's sweep ('...') on SLURM.
+  own = ('--executor=', '--max_parallel=', '--sweep_dir=')
+  shared = [arg for arg in mine(local) if not arg.startswith(own)]
+  at = slurm.index('...')
+  _launch('launch.sweep', *shared, f'--sweep_dir={tmp_path / "slurm"}',
+          *slurm[at + 1:], '--dry_run')
+  script = (tmp_path / 'slurm' / 'sweep.sbatch').read_text().splitlines()
+  assert '#SBATCH --array=0-1%2' in script
+  assert '#SBATCH --partition=gpu' in script
+  result = _launch('launch.gather', *mine(gathering))
+  assert '2 of 2 points finished' in result.stdout
+  assert (tmp_path / 's1' / 'validation_mse_vs_learning_rate.png').is_file()
+
+
+def _refused(tmp_path, *flags_):
+  """launch.sweep's refusal: one sentence, exit 1, nothing written."""
+  result = _launch('launch.sweep', f'--sweep_dir={tmp_path / "s"}', *flags_,
+                   check=False)
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 's').exists()
+  return result.stderr
+
+
+def test_sweep_refuses_a_bad_preset_or_key_before_writing(tmp_path):
+  cifar = ['--experiment=deq_cifar10', '--executor=slurm',
+           '--config=experiments/configs/deq_cifar10.py:smal']
+  message = _refused(tmp_path, *cifar, '--grid=learning_rate=1e-3', '--dry_run')
+  assert "unknown preset 'smal'" in message
+  cifar[-1] = cifar[-1].replace(':smal', ':small')
+  message = _refused(tmp_path, *cifar, '--grid=learning_rat=1e-3')
+  assert 'point 1 of 1 (learning_rat=1e-3)' in message
+  assert "no key 'learning_rat' (did you mean 'learning_rate'?)" in message
+
+
+def test_check_uses_the_experiments_own_checks(tmp_path, monkeypatch):
+  def refusal(experiment, config, grid, fixed=()):
+    planned = sweep.plan(str(tmp_path), experiment, config, grid, fixed)
+    with pytest.raises(sweep.SweepError) as error:
+      sweep.check(planned)
+    assert not tmp_path.joinpath('points').exists()
+    return str(error.value)
+
+  quick = 'experiments/configs/synthetic_mlp.py:quickstart'
+  # One bad point of six is named; the others would run.
+  message = refusal('synthetic_mlp', quick,
+                    'learning_rate=1e-3,-1,2e-3;seed=0,1')
+  assert message == ('point 3 of 6 (learning_rate=-1,seed=0) (and 1 more) is '
+                     'refused by experiments.synthetic_mlp: learning_rate must '
+                     'be > 0, got -1.0.')
+  assert "flag --config.num_steps=1e-3: invalid literal for int()" in refusal(
+      'synthetic_mlp', quick, 'num_steps=10,1e-3')
+  assert refusal('synthetic_mlp', quick, 'seed=0,1', ['num_steps=0']) == (
+      'every point of experiments.synthetic_mlp is refused: num_steps must be '
+      '>= 1, got 0.')
+  assert "data.source must be one of" in refusal(
+      'igr_mnist_sweep', None, 'data.source=local,web')
+  assert "unknown experiment 'synthetic_mpl'" in refusal(
+      'synthetic_mpl', None, '')
+  assert 'has no config file' in refusal('bench_data', None, '')
+  assert 'could not be loaded' in refusal('synthetic_mlp', 'no/such.py', '')
+  # A preset and a group that igr_mnist_sweep does not have.
+  assert "unknown preset 'quick'" in refusal(
+      'igr_mnist_sweep', 'experiments/configs/igr_mnist_sweep.py:quick',
+      'optimizer.learning_rate=0.01,0.1;model.width=64,128')
+  assert "no key 'optimizer'" in refusal(
+      'igr_mnist_sweep', 'experiments/configs/igr_mnist_sweep.py:quickstart',
+      'optimizer.learning_rate=0.01,0.1;model.width=64,128')
+  # A good sweep passes; a relative --config is found where the points run.
+  monkeypatch.chdir(tmp_path)
+  sweep.check(sweep.plan(str(tmp_path), 'synthetic_mlp', quick,
+                         'learning_rate=0.003,0.01;seed=0,1'))
+
+
 # -- gather ----------------------------------------------------------------------
 
 
@@ -341,3 +444,38 @@ def test_gather_refuses_damaged_files(tmp_path):
   assert result.stderr.strip().startswith('error: ')
   assert 'results.json is not readable JSON' in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_gather_draws_only_what_varies_and_prints_the_table(tmp_path):
+  (tmp_path / 'sweep.json').write_text(json.dumps(
+      {'grid': 'model.width=4,8;optimizer.learning_rate=0.5,1.0'}))
+  for width in (4, 8):
+    for rate in (0.5, 1.0):
+      _point(tmp_path, f'w={width},lr={rate}',
+             {'model': {'width': width}, 'optimizer': {'learning_rate': rate},
+              'workdir': f'points/w={width},lr={rate}'},   # varies, not swept
+             {'accuracy': width * rate, 'steps': 100, 'noise_variance': 0.01,
+              'name': 'mlp', 'solver': f's{width}'})
+  table = gather.gather(str(tmp_path))
+  assert table['swept'] == ['model.width', 'optimizer.learning_rate']
+  assert gather.varying(table) == (
+      ['accuracy'], {'steps': 100, 'noise_variance': 0.01, 'name': 'mlp'})
+  paths = gather.draw(table, str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ['heatmap_accuracy.png']
+  with pytest.raises(gather.GatherError, match='not numbers'):
+    gather.draw(table, str(tmp_path), ['solver'])
+
+  result = _launch('launch.gather', f'--sweep_dir={tmp_path}')
+  lines = result.stdout.splitlines()
+  assert lines[0].split() == ['point', 'finished', 'model.width',
+                              'optimizer.learning_rate', 'accuracy']
+  assert set(lines[1]) == {'-', ' '}
+  assert lines[2].split() == ['w=4,lr=0.5', 'yes', '4', '0.5', '2']
+  assert lines[5].split() == ['w=8,lr=1.0', 'yes', '8', '1', '8']
+  # Numbers are right-aligned: the column's last characters line up.
+  ends = {line.index('0.5') + 3 for line in lines[2:6] if '0.5' in line}
+  assert len(ends) == 1
+  assert lines[6] == ('the same at every finished point: steps=100, '
+                      'noise_variance=0.01, name=mlp')
+  assert '4 of 4 points finished' in lines[7]
+  assert not list(tmp_path.glob('heatmap_steps*.png'))

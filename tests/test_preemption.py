@@ -102,6 +102,36 @@ def test_time_based_checkpoints_change_no_record(tmp_path, reference):
     _run(tmp_path / 'bad', checkpoint_every_seconds=-1)
 
 
+def test_run_killed_in_its_final_evaluation_only_evaluates_again(
+    tmp_path, reference):
+  calls = []
+
+  def eval_fn(kill_at=None):
+    def evaluate(params, model_state):
+      calls.append(1)
+      if kill_at is not None and len(calls) == kill_at:
+        raise test_train.Crash('killed in the final evaluation')
+      return test_train._eval_fn()(params, model_state)
+    return evaluate
+
+  def run(iterator, **kwargs):
+    return test_train._fit(tmp_path, num_steps=NUM_STEPS, iterator=iterator,
+                           eval_every=3, **kwargs)
+
+  with pytest.raises(test_train.Crash):
+    run(test_train.CountingIterator(), eval_fn=eval_fn(kill_at=3))  # 3, 6, 8
+  assert checkpoint_lib.Checkpointer(str(tmp_path)).latest_step() == NUM_STEPS
+  calls.clear()
+  iterator = test_train.CountingIterator()
+  state, history = run(iterator, eval_fn=eval_fn())
+  assert iterator.position == 0 and len(calls) == 1  # no step; one evaluation
+  _assert_same_run(tmp_path, state, history, reference)
+  calls.clear()
+  state, history = run(iterator, eval_fn=eval_fn())  # finished: only reports
+  assert iterator.position == 0 and not calls
+  _assert_same_run(tmp_path, state, history, reference)
+
+
 def test_checkpoint_minutes_of_a_command_reach_its_fit_calls(tmp_path):
   config = cli.get_config('synthetic_mlp', 'small', {'checkpoint_minutes': 1e-9})
 

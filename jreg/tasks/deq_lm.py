@@ -23,6 +23,7 @@ Shapes: B batch (streams), T segment length, V vocabulary.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -325,10 +326,17 @@ def plot_runs(runs: Mapping[str, str], path: str) -> None:
   time, for one or several runs (`{label: workdir}`), as one PNG."""
   loaded = {label: metrics_lib.read_jsonl(os.path.join(d, 'metrics.jsonl'))
             for label, d in runs.items()}
+  budgets = set()
+  for d in runs.values():
+    if os.path.isfile(os.path.join(d, 'config.json')):
+      with open(os.path.join(d, 'config.json')) as f:
+        budgets.add(plotting.solver_budgets(json.load(f))['forward_nfe'])
   with plotting.figure(path, ncols=3) as (_, axes):
     plotting.curves(axes[0], {label: metrics_lib.series(r, 'forward_nfe')
                               for label, r in loaded.items()},
                     'step', 'forward NFE', 'solver NFE (train)')
+    for value in sorted(b for b in budgets if b is not None):
+      plotting.budget(axes[0], value, 'forward max_iter')
     plotting.curves(axes[1], {label: metrics_lib.series(r, 'forward_rel_residual')
                               for label, r in loaded.items()},
                     'step', 'relative residual', 'forward residual (train)',

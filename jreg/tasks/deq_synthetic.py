@@ -192,21 +192,26 @@ def figures(workdir: str, config, params: Mapping[str, Any],
   curve_x = np.linspace(-2, 2, 101, dtype=np.float32)[:, None]     # [N, 1]
   paths = [os.path.join(workdir, name) for name in
            ('surface.png', 'slice_x-1.png', 'training.png')]
+  outs = {label: np.asarray(f_apply(deq_lib.cell_params(p), grid_z.reshape(-1, 1),
+                                    grid_x.reshape(-1, 1))).reshape(grid_z.shape)
+          for label, p in params.items()}
+  # One z range for every panel, so that the γ panels compare by eye.
+  z_range = (min(zs.min(), *(o.min() for o in outs.values())),
+             max(zs.max(), *(o.max() for o in outs.values())))
   with plotting.figure(paths[0], ncols=len(params), size=(5.5, 4.8)) as (fig, axes):
     for i, (label, p) in enumerate(params.items()):
       np.atleast_1d(axes)[i].remove()
       ax = fig.add_subplot(1, len(params), i + 1, projection='3d')
       inner = deq_lib.cell_params(p)
-      out = np.asarray(f_apply(inner, grid_z.reshape(-1, 1), grid_x.reshape(-1, 1))
-                       ).reshape(grid_z.shape)
-      ax.plot_surface(grid_x, grid_z, out, cmap='viridis', alpha=0.6)
+      ax.plot_surface(grid_x, grid_z, outs[label], cmap='viridis', alpha=0.6)
       ax.plot_surface(grid_x, grid_z, grid_z, color='grey', alpha=0.25)
       z_star, _ = deq_lib.solve(lambda z: f_apply(inner, z, curve_x),
                                 jnp.zeros_like(curve_x),
                                 solver._replace(max_iter=config.probe.max_iter))
       z_star = np.asarray(z_star)[:, 0]
       ax.plot(curve_x[:, 0], z_star, z_star, 'r-', lw=2.5, label='z*(x)')
-      ax.set(xlabel='x', ylabel='z', zlabel='f(z; x)', title=label)
+      ax.set(xlabel='x', ylabel='z', zlabel='f(z; x)', title=label,
+             zlim=z_range)
       ax.legend(fontsize='small')
   with plotting.figure(paths[1], ncols=len(params)) as (fig, axes):
     for ax, (label, p) in zip(np.atleast_1d(axes), params.items()):

@@ -474,18 +474,22 @@ def write_results(config, workdir: str, state, history: list[dict],
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=1)
-    plot_runs({'run': with_phases(config, history)}, workdir)
+    plot_runs({'run': with_phases(config, history)}, workdir,
+              budgets=plotting.solver_budgets(config))
   return results
 
 
 def plot_runs(histories: Mapping[str, list[dict]], workdir: str,
-              prefix: str = '') -> list[str]:
+              prefix: str = '',
+              budgets: Mapping[str, Any] | None = None) -> list[str]:
   """NFE and residual over training, and test accuracy against wall time.
 
   Args:
     histories: run label -> logged records (with 'phase', see `with_phases`).
     workdir: where the PNGs go.
     prefix: file-name prefix.
+    budgets: NFE budgets drawn as labelled lines on the NFE panels
+      (`plotting.solver_budgets(config)`), or None.
 
   Returns:
     The paths written.
@@ -506,6 +510,9 @@ def plot_runs(histories: Mapping[str, list[dict]], workdir: str,
                           [float(r[key]) for r in records])
       plotting.curves(axes[index], series, 'step', label,
                       logy=key.endswith('residual'))
+      if key.endswith('_nfe'):
+        plotting.budget(axes[index], (budgets or {}).get(key),
+                        f'{key.split("_")[0]} max_iter')
   paths.append(path)
   path = os.path.join(workdir, f'{prefix}accuracy_vs_time.png')
   with plotting.figure(path, ncols=2) as (_, axes):
@@ -524,6 +531,8 @@ def plot_runs(histories: Mapping[str, list[dict]], workdir: str,
                     marker='o')
     plotting.curves(axes[1], nfe, 'step', 'test NFE to reach the tolerance',
                     marker='o')
+    plotting.budget(axes[1], (budgets or {}).get('probe_nfe_to_tol'),
+                    'probe max_iter')
   paths.append(path)
   return paths
 
@@ -541,7 +550,7 @@ def compare(workdirs: Mapping[str, str], out_dir: str) -> dict[str, Any]:
     label -> the run's results.json.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
-  histories, table = {}, {}
+  histories, table, budgets = {}, {}, {}
   for label, workdir in workdirs.items():
     with open(os.path.join(workdir, 'results.json')) as f:
       table[label] = json.load(f)
@@ -549,8 +558,11 @@ def compare(workdirs: Mapping[str, str], out_dir: str) -> dict[str, Any]:
       config = ml_collections.ConfigDict(json.load(f))
     histories[label] = with_phases(
         config, metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl')))
+    for key, value in plotting.solver_budgets(config).items():
+      if value is not None:   # the largest budget when the runs differ
+        budgets[key] = max(value, budgets.get(key, value))
   os.makedirs(out_dir, exist_ok=True)
-  plot_runs(histories, out_dir, prefix='mdeq_')
+  plot_runs(histories, out_dir, prefix='mdeq_', budgets=budgets)
   with open(os.path.join(out_dir, 'mdeq_comparison.json'), 'w') as f:
     json.dump(table, f, indent=1)
   return table
