@@ -12,7 +12,7 @@
 Each test submits with sbatch, polls `scontrol show job` until every record
 of the job is final, and cancels its job when it fails or runs out of time.
 SLURM holds a requeued job for 120 s before it may start again; the tests
-release it at once (`scontrol update StartTime=now`).
+release it after 3 s (`scontrol update StartTime=now`).
 """
 import csv
 import json
@@ -82,6 +82,7 @@ def _wait(job: str, timeout: float, log: pathlib.Path | None = None,
           until=None) -> list[dict[str, str]]:
   """Polls until every record is final (or `until()`); cancels on timeout."""
   deadline = time.monotonic() + timeout
+  held_since = {}
   while time.monotonic() < deadline:
     records = _records(job)
     if until is not None and until():
@@ -91,8 +92,13 @@ def _wait(job: str, timeout: float, log: pathlib.Path | None = None,
     for record in records:
       if (record.get('JobState') == 'PENDING' and
           record.get('Reason') == 'BeginTime' and record.get('Restarts') != '0'):
-        subprocess.run(['scontrol', 'update', f'JobId={record["JobId"]}',
-                        'StartTime=now'], capture_output=True, check=False)
+        # Not at once: slurmd refuses a launch in the second in which it
+        # revoked the job's credential ("Job credential revoked").
+        since = held_since.setdefault(
+            (record['JobId'], record['Restarts']), time.monotonic())
+        if time.monotonic() - since >= 3:
+          subprocess.run(['scontrol', 'update', f'JobId={record["JobId"]}',
+                          'StartTime=now'], capture_output=True, check=False)
     time.sleep(0.5)
   description = _describe(job, log)
   subprocess.run(['scancel', job], check=False)
