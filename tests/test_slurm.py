@@ -12,7 +12,7 @@
 Each test submits with sbatch, polls `scontrol show job` until every record
 of the job is final, and cancels its job when it fails or runs out of time.
 SLURM holds a requeued job for 120 s before it may start again; the tests
-release it after 3 s (`scontrol update StartTime=now`).
+release it once its processes are gone (`scontrol update StartTime=now`).
 """
 import csv
 import json
@@ -71,6 +71,13 @@ def _records(job: str) -> list[dict[str, str]]:
           for line in out.splitlines() if line.strip()]
 
 
+def _pids(job: str) -> list[str]:
+  """The job's processes on this node (`scontrol listpids`)."""
+  out = subprocess.run(['scontrol', 'listpids', job], capture_output=True,
+                       text=True, timeout=30, check=False).stdout
+  return [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+
+
 def _describe(job: str, log: pathlib.Path | None = None) -> str:
   states = [(r.get('ArrayTaskId'), r.get('JobState'), r.get('Reason'),
              r.get('ExitCode'), r.get('Restarts')) for r in _records(job)]
@@ -92,11 +99,12 @@ def _wait(job: str, timeout: float, log: pathlib.Path | None = None,
     for record in records:
       if (record.get('JobState') == 'PENDING' and
           record.get('Reason') == 'BeginTime' and record.get('Restarts') != '0'):
-        # Not at once: slurmd refuses a launch in the second in which it
-        # revoked the job's credential ("Job credential revoked").
+        # Once the last run's processes are gone, and not at once: slurmd
+        # refuses a launch in the second in which it revoked the job's
+        # credential ("Job credential revoked").
         since = held_since.setdefault(
             (record['JobId'], record['Restarts']), time.monotonic())
-        if time.monotonic() - since >= 3:
+        if time.monotonic() - since >= 3 and not _pids(record['JobId']):
           subprocess.run(['scontrol', 'update', f'JobId={record["JobId"]}',
                           'StartTime=now'], capture_output=True, check=False)
     time.sleep(0.5)
