@@ -15,8 +15,10 @@
 #
 # The node is `localhost` (NodeAddr=127.0.0.1) with this machine's CPUs and
 # most of its memory; no cgroups are needed (proctrack/linuxproc, task/none),
-# so it runs in a container. The daemons run as root. `start` on a running
-# cluster changes nothing; `stop` on a stopped one does nothing.
+# so it runs in a container. The daemons run as root and listen on ports
+# $JREG_SLURMCTLD_PORT (6817) and $JREG_SLURMD_PORT (6818). `start` on a
+# running cluster changes nothing; `stop` cancels the jobs, stops the daemons
+# and does nothing on a stopped cluster.
 set -euo pipefail
 
 STATE=${JREG_SLURM_DIR:-${TMPDIR:-/tmp}/jreg-slurm}
