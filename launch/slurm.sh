@@ -33,6 +33,8 @@
 #SBATCH --cpus-per-task=12
 #SBATCH --mem=0
 #SBATCH --time=24:00:00
+# SLURM opens the log before the script runs (a missing folder fails the job
+# at once): logs/ is part of the repository, so submit from its root.
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
@@ -43,7 +45,6 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 module_name="$1"; shift
-mkdir -p logs
 child=
 terminated=0
 forward() {  # forward() SIGNAL: pass a signal of this shell on to the step

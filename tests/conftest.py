@@ -13,6 +13,11 @@ The suite runs from a fresh clone with no data folder:
   sizes, labels, statistics). Without `../shared/data` such tests are
   deselected, and the header of the run says so; with
   `JREG_REQUIRE_SHARED_DATA=1` (set by .ci/run) a missing folder is an error.
+- marker `slurm`: a test that submits jobs to the one-node SLURM cluster of
+  `tests/slurm/cluster.sh` (`start` it first). When that cluster is not up
+  such tests are deselected, and the header says so; with
+  `JREG_REQUIRE_SLURM=1` a cluster that is not up is an error. When it is
+  up, every test process gets its `SLURM_CONF`.
 
 Every test process gets `JREG_DATA_DIR` = the `shared_data` folder, so code
 that uses the default data directory reads it, and `JREG_DATA_MIRROR` = a
@@ -24,6 +29,7 @@ import io
 import os
 import pathlib
 import shutil
+import subprocess
 import tempfile
 
 # Must be set before JAX initialises its backends: every test process sees four
@@ -38,6 +44,8 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 REQUIRE_SHARED_DATA_ENV = 'JREG_REQUIRE_SHARED_DATA'
+SLURM_CLUSTER = REPO / 'tests' / 'slurm' / 'cluster.sh'
+REQUIRE_SLURM_ENV = 'JREG_REQUIRE_SLURM'
 # Port 9 (discard) on the loopback interface: nothing listens, so a download
 # that a test did not point at its own server fails at once, offline.
 UNREACHABLE_MIRROR = 'http://127.0.0.1:9/no-network-in-tests'
@@ -178,11 +186,32 @@ def standard_data_root() -> pathlib.Path:
   return _STANDARD_DATA[0]
 
 
+_SLURM_STATUS: list[str] = []
+
+
+def slurm_status() -> str:
+  """'' when the test cluster takes jobs, else why not (asked once)."""
+  if not _SLURM_STATUS:
+    try:
+      result = subprocess.run(['bash', str(SLURM_CLUSTER), 'status'],
+                              capture_output=True, text=True, timeout=60,
+                              check=False)
+      _SLURM_STATUS.append('' if result.returncode == 0 else
+                           result.stdout.strip() or result.stderr.strip())
+    except (OSError, subprocess.TimeoutExpired) as error:
+      _SLURM_STATUS.append(f'{SLURM_CLUSTER} status failed ({error})')
+  return _SLURM_STATUS[0]
+
+
 def pytest_configure(config):
-  del config  # the marker `shared_data` is registered in pytest.ini
+  del config  # the markers `shared_data` and `slurm` are in pytest.ini
   data_dir = SHARED_DATA if SHARED_DATA.is_dir() else standard_data_root()
   os.environ['JREG_DATA_DIR'] = str(data_dir)
   os.environ['JREG_DATA_MIRROR'] = UNREACHABLE_MIRROR
+  if not slurm_status():
+    conf = subprocess.run(['bash', str(SLURM_CLUSTER), 'env'],
+                          capture_output=True, text=True, check=True).stdout
+    os.environ['SLURM_CONF'] = conf.strip().partition('=')[2]
 
 
 def pytest_unconfigure(config):
@@ -194,13 +223,22 @@ def pytest_unconfigure(config):
 def pytest_report_header(config):
   del config
   if SHARED_DATA.is_dir():
-    return f'offline datasets: {SHARED_DATA}'
-  return (f'offline datasets: {SHARED_DATA} is missing, so the tests marked '
-          'shared_data are deselected and the others read tiny standard-format '
-          'files written by tests/conftest.py')
+    lines = [f'offline datasets: {SHARED_DATA}']
+  else:
+    lines = [f'offline datasets: {SHARED_DATA} is missing, so the tests marked '
+             'shared_data are deselected and the others read tiny '
+             'standard-format files written by tests/conftest.py']
+  if slurm_status():
+    lines.append(f'SLURM test cluster: not up ({slurm_status()}), so the tests '
+                 'marked slurm are deselected; start it with '
+                 'tests/slurm/cluster.sh start')
+  else:
+    lines.append(f'SLURM test cluster: up (SLURM_CONF={os.environ["SLURM_CONF"]})')
+  return lines
 
 
 def pytest_collection_modifyitems(config, items):
+  _deselect_slurm(config, items)
   if SHARED_DATA.is_dir():
     return
   marked = [item for item in items if item.get_closest_marker('shared_data')]
@@ -213,6 +251,20 @@ def pytest_collection_modifyitems(config, items):
   config.hook.pytest_deselected(items=marked)
   items[:] = [item for item in items
               if not item.get_closest_marker('shared_data')]
+
+
+def _deselect_slurm(config, items):
+  """Drops the tests marked slurm when the test cluster is not up."""
+  marked = [item for item in items if item.get_closest_marker('slurm')]
+  if not marked or not slurm_status():
+    return
+  if os.environ.get(REQUIRE_SLURM_ENV) == '1':
+    raise pytest.UsageError(
+        f'the SLURM test cluster is not up ({slurm_status()}) but '
+        f'{REQUIRE_SLURM_ENV}=1 asks for the {len(marked)} tests marked slurm '
+        'to run; start it with tests/slurm/cluster.sh start.')
+  config.hook.pytest_deselected(items=marked)
+  items[:] = [item for item in items if not item.get_closest_marker('slurm')]
 
 
 # -- fixtures ----------------------------------------------------------------------
