@@ -94,6 +94,16 @@ def contents_record(state: Any, data_position: Any) -> dict:
           'arrays': arrays}
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints saved in `workdir` (not verified; an
+  unfinished save, left in a temporary directory, is not one), ascending."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
 def _first_line(error: BaseException, limit: int = 200) -> str:
   text = (str(error).strip().splitlines() or [type(error).__name__])[0]
   text = text if len(text) <= limit else text[:limit] + '...'
