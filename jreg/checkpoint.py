@@ -3,9 +3,10 @@
 A checkpoint holds the whole `TrainState` (parameters, model state, optimiser
 state, RNG key, step) as arrays, the data iterator's position as JSON, and a
 record of its contents: the SHA-256 of every array's path, dtype, shape and
-bytes and of the data position, with each array's dtype and shape. Nothing
-read back executes code: arrays go through orbax's tensorstore handlers and
-the rest through JSON (no pickle).
+bytes and of the data position, with each array's dtype and shape, and the
+SHA-256 of the record itself (damage to the record is damage, not another
+model). Nothing read back executes code: arrays go through orbax's
+tensorstore handlers and the rest through JSON (no pickle).
 
 Saving is atomic: orbax writes into a temporary directory and renames it into
 place when the write has finished, so a crash during a save never leaves a
@@ -13,9 +14,10 @@ half-written checkpoint in the place of the last good one (an unfinished
 temporary directory is ignored and cleaned up on the next start).
 
 Restoring verifies the checksum. A checkpoint that cannot be read or does not
-match its checksum (a flipped bit, a truncated file) is reported in one
-sentence, moved to `checkpoints/damaged/<step>-<UTC time>` (never deleted) and
-the previous checkpoint is tried (`Checkpointer.restore_latest`). A checkpoint
+match its checksum (a flipped bit, in the arrays or in the checksum record,
+a truncated file) is reported in one sentence, with no traceback beside it,
+moved to `checkpoints/damaged/<step>-<UTC time>` (never deleted) and the
+previous checkpoint is tried (`Checkpointer.restore_latest`). A checkpoint
 that is intact but holds arrays of other shapes than the model being trained
 (a different model in the same workdir) is not damage: it raises
 `CheckpointError`.
@@ -28,6 +30,7 @@ import json
 import logging as pylogging
 import os
 import shutil
+import sys
 from typing import Any, Iterator, Optional
 
 from absl import logging
@@ -40,7 +43,11 @@ from jreg import rundir
 from jreg.errors import UserError
 
 DAMAGED_DIR = 'damaged'
-_CHECKSUM_FORMAT = 'jreg-sha256-v1'
+# v2 records carry the SHA-256 of the record itself (`record_sha256`), so that
+# damage to the record is told apart from a checkpoint of another model; v1
+# records (without it) are still read.
+_CHECKSUM_FORMAT = 'jreg-sha256-v2'
+_READABLE_FORMATS = ('jreg-sha256-v1', _CHECKSUM_FORMAT)
 
 
 class CheckpointError(UserError):
@@ -90,8 +97,38 @@ def contents_record(state: Any, data_position: Any) -> dict:
     digest.update(json.dumps([path, dtype, shape]).encode())
     digest.update(np.ascontiguousarray(value).tobytes())
   digest.update(json.dumps(data_position, sort_keys=True).encode())
-  return {'format': _CHECKSUM_FORMAT, 'sha256': digest.hexdigest(),
-          'arrays': arrays}
+  record = {'format': _CHECKSUM_FORMAT, 'sha256': digest.hexdigest(),
+            'arrays': arrays}
+  return dict(record, record_sha256=_record_digest(record))
+
+
+def _record_digest(record: dict) -> str:
+  """SHA-256 of a checksum record's own fields (all but `record_sha256`)."""
+  fields = {k: v for k, v in record.items() if k != 'record_sha256'}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _ignore_closed_loop_reports() -> None:
+  """Silences the leftovers of a failed orbax read.
+
+  When one array of a checkpoint cannot be read, orbax closes its event loop
+  while tensorstore still completes the other reads; each completion then
+  calls into the closed loop and Python prints an 'Event loop is closed'
+  traceback beside the one-sentence warning. Only those reports are dropped
+  (`sys.unraisablehook`, installed once; the previous hook gets every other).
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'jreg_closed_loop_filter', False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  hook.jreg_closed_loop_filter = True
+  sys.unraisablehook = hook
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -177,10 +214,14 @@ class Checkpointer:
             step, args=ocp.args.Composite(checksum=ocp.args.JsonRestore())
         )['checksum']
       except Exception as error:  # pylint: disable=broad-except
+        _ignore_closed_loop_reports()
         raise _Damaged(f'its checksum record cannot be read '
                        f'({_first_line(error)})') from error
-      if not isinstance(record, dict) or record.get('format') != _CHECKSUM_FORMAT:
+      if not isinstance(record, dict) or record.get('format') not in _READABLE_FORMATS:
         raise _Damaged('its checksum record is not in the expected format')
+      if (record['format'] != 'jreg-sha256-v1' and
+          record.get('record_sha256') != _record_digest(record)):
+        raise _Damaged('its checksum record does not match its own SHA-256')
       self._check_shapes(step, abstract, record)
       try:
         restored = self._manager.restore(
@@ -191,6 +232,7 @@ class Checkpointer:
             ),
         )
       except Exception as error:  # pylint: disable=broad-except
+        _ignore_closed_loop_reports()
         raise _Damaged(f'it cannot be read ({_first_line(error)})') from error
     state = jax.tree.unflatten(jax.tree.structure(abstract),
                                jax.tree.leaves(restored['state']))
