@@ -191,6 +191,9 @@ class Checkpointer:
           force=True,
       )
       self._manager.wait_until_finished()
+    # The run has really started: a configuration checked with
+    # `jreg.rundir.check_config(defer=True)` is recorded now.
+    rundir.record_config(self.directory)
 
   def restore(self, target: Any, step: Optional[int] = None):
     """Restores and verifies the state (shaped like `target`) and data position.

@@ -231,10 +231,12 @@ def execute(name: str,
   """Runs experiment `name` in `workdir` as its command does; returns its results.
 
   Validates the config, checks the global batch against the devices, locks
-  the workdir (a second concurrent run is refused), saves the config as
+  the workdir (a second concurrent run is refused), checks the config against
   `workdir/config.json` (a resume under a different one is refused unless
   `allow_config_change`) and shows it in TensorBoard, then calls
-  `run_fn(config, workdir)`.
+  `run_fn(config, workdir)`. `config.json` is written once the run really
+  starts (its first checkpoint) or when it returns, never by a run refused
+  before (its data not found, a checkpoint of another model).
 
   Raises:
     jreg.errors.UserError: ConfigError, a busy or unusable workdir, a changed
@@ -244,10 +246,18 @@ def execute(name: str,
   validate(name, config)
   check_devices(config)
   with rundir.lock(workdir):
+    # config.json is written once the run really starts (its first
+    # checkpoint) or ends; a run refused before (data not found, a checkpoint
+    # of another model) leaves it as it was.
     rundir.check_config(workdir, config.to_dict(),
-                        allow_change=allow_config_change)
-    log_config(workdir, config)
-    return run_fn(config, workdir)
+                        allow_change=allow_config_change, defer=True)
+    try:
+      log_config(workdir, config)
+      results = run_fn(config, workdir)
+      rundir.record_config(workdir)
+    finally:
+      rundir.forget_config(workdir)
+    return results
 
 
 def headline(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -300,8 +300,14 @@ def read_config(workdir: str) -> Optional[dict]:
                        'start the run afresh.') from None
 
 
+# Records checked with `defer=True` and not yet written: absolute workdir ->
+# (config, accepted differences).
+_pending_configs: dict[str, tuple[dict, dict]] = {}
+
+
 def check_config(workdir: str, config: Mapping[str, Any],
-                 allow_change: bool = False, write: Optional[bool] = None) -> dict:
+                 allow_change: bool = False, write: Optional[bool] = None,
+                 defer: bool = False) -> dict:
   """Records `config` in `workdir/config.json`, or checks it against the record.
 
   Args:
@@ -311,6 +317,12 @@ def check_config(workdir: str, config: Mapping[str, Any],
       differences are logged, appended to `config_changes.jsonl` (one JSON line
       `{"time", "changes": {key: [old, new]}}`), and `config.json` is updated.
     write: whether this process writes files (default: process 0 only).
+    defer: check now but write `config.json` (and the `config_changes.jsonl`
+      line) only when the run really starts: at its first checkpoint in
+      `workdir` or below (`jreg.checkpoint.Checkpointer.save`), or at
+      `record_config`. A run refused before that (its data not found, a
+      checkpoint of another model) leaves the record as it was, so the same
+      command, corrected, is not refused as a change of configuration.
 
   Returns:
     `{dotted key: (old, new)}` of the accepted differences (empty if none).
@@ -323,14 +335,20 @@ def check_config(workdir: str, config: Mapping[str, Any],
     write = _is_primary()
   path = ensure_workdir(workdir) if write else os.path.abspath(workdir)
   new = _jsonable(config)
+  pending = _pending_configs.get(path)
+  if pending is not None and pending[0] == new:
+    return dict(pending[1])  # checked already; recorded when the run starts
+  # Inside a workdir whose record waits for the run to start, so does this one.
+  defer = defer or any(path == p or path.startswith(p.rstrip(os.sep) + os.sep)
+                       for p in _pending_configs)
   saved = read_config(path)
-  config_path = os.path.join(path, CONFIG_FILE)
   if saved is None:
     if write:
-      _write_json_atomic(config_path, new)
+      _record(path, new, {}, defer)
     return {}
   diff = config_diff(saved, new)
   if not diff:
+    _pending_configs.pop(path, None)
     return {}
   described = describe_diff(diff)
   if not allow_change:
@@ -344,11 +362,35 @@ def check_config(workdir: str, config: Mapping[str, Any],
         '`allow_config_change=True` in Python).')
   logging.warning('resuming %s under a changed configuration: %s', path, described)
   if write:
+    _record(path, new, diff, defer)
+  return diff
+
+
+def _record(path: str, config: dict, diff: dict, defer: bool) -> None:
+  if defer:
+    _pending_configs[path] = (config, diff)
+    return
+  _pending_configs.pop(path, None)
+  if diff:
     with open(os.path.join(path, CONFIG_CHANGES_FILE), 'a') as f:
       f.write(json.dumps({'time': utc_timestamp(),
                           'changes': {k: list(v) for k, v in diff.items()}}) + '\n')
-    _write_json_atomic(config_path, new)
-  return diff
+  _write_json_atomic(os.path.join(path, CONFIG_FILE), config)
+
+
+def record_config(directory: str) -> None:
+  """Writes the deferred `config.json` of `directory` and of every workdir
+  that holds it (`check_config(..., defer=True)`); nothing if none waits."""
+  here = os.path.abspath(directory)
+  for path in [p for p in _pending_configs
+               if here == p or here.startswith(p.rstrip(os.sep) + os.sep)]:
+    config, diff = _pending_configs.pop(path)
+    _record(path, config, diff, defer=False)
+
+
+def forget_config(workdir: str) -> None:
+  """Drops the deferred record of `workdir` (its run was refused)."""
+  _pending_configs.pop(os.path.abspath(workdir), None)
 
 
 # --------------------------------------------------------------------------
