@@ -259,8 +259,9 @@ class Checkpointer:
         f'the checkpoint of step {step} in {self.directory} holds another model '
         f'than the one being trained ({len(differing)} arrays differ, e.g. '
         f'{path}: saved {saved.get(path, "absent")}, expected '
-        f'{expected.get(path, "absent")}); start afresh (restart) or use '
-        'another workdir.')
+        f'{expected.get(path, "absent")}); start afresh in another workdir '
+        '(`--workdir` on the command line) or move this one aside first '
+        '(`restart=True` in Python).')
 
   def restore_latest(self, target: Any):
     """Restores the newest checkpoint that loads and verifies.

@@ -357,7 +357,8 @@ def check_config(workdir: str, config: Mapping[str, Any],
         f'({len(diff)} key{"s differ" if len(diff) > 1 else " differs"}: '
         f'{described}); '
         'resume it with the saved configuration (config.json), start afresh '
-        '(`restart=True`) or in another workdir, or accept the change '
+        'in another workdir (`--workdir` on the command line) or after moving '
+        'this one aside (`restart=True` in Python), or accept the change '
         'explicitly (`--allow_config_change` on the command line, '
         '`allow_config_change=True` in Python).')
   logging.warning('resuming %s under a changed configuration: %s', path, described)

@@ -194,6 +194,8 @@ def test_checkpoint_of_another_model_is_a_sentence(tmp_path):
                            r"expected \['<f4', \[4\]\]") as error:
     saver.restore_latest({'w': np.zeros(4, np.float32)})
   assert isinstance(error.value, errors.UserError)
+  # What to do, for the command line and for Python.
+  assert '`--workdir`' in str(error.value) and '`restart=True`' in str(error.value)
   # Not treated as damage: the checkpoint stays where it is.
   assert saver.all_steps() == [1]
   saver.close()

@@ -125,8 +125,12 @@ def test_check_config_records_refuses_and_logs(tmp_path, caplog):
   assert rundir.check_config(tmp_path, config) == {}  # same: accepted
   changed = {'optimizer': {'name': 'adam', 'learning_rate': 0.1}}
   with pytest.raises(rundir.ConfigMismatchError,
-                     match=r'1 key differs: optimizer\.name: "sgd" → "adam"'):
+                     match=r'1 key differs: optimizer\.name: "sgd" → "adam"') as error:
     rundir.check_config(tmp_path, changed)
+  # What to do, for the command line and for Python.
+  for words in ('`--workdir` on the command line', '`restart=True` in Python',
+                '`--allow_config_change` on the command line'):
+    assert words in str(error.value)
   assert rundir.read_config(tmp_path) == config  # a refusal changes nothing
   with caplog.at_level(pylogging.WARNING):
     rundir.check_config(tmp_path, changed, allow_change=True)
