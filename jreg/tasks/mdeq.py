@@ -337,16 +337,12 @@ def carried_time(workdir: str, key: str) -> float:
   (the steps between that evaluation and the checkpoint are not counted).
   Read at a run's first evaluation, once `fit` has dropped the later records.
   The times are measurements, not results: comparisons of a resumed run with
-  an uninterrupted one leave them out (`TIMING_KEYS`).
+  an uninterrupted one leave them out.
   """
   times = [r[key] for r in metrics_lib.read_history(workdir)
            if r.get('split') == 'eval' and key in r]
   return float(times[-1]) if times else 0.0
 
-
-# Record keys that hold measured times, which differ between two runs of the
-# same configuration (and between a resumed and an uninterrupted run).
-TIMING_KEYS = ('train_wall_time', 'wall_time', 'steps_per_sec')
 
 
 def make_eval_fn(config, fns: ClassifierFns, probe_fns: ClassifierFns | None,
