@@ -339,7 +339,7 @@ def check_config(workdir: str, config: Mapping[str, Any],
   if pending is not None and pending[0] == new:
     return dict(pending[1])  # checked already; recorded when the run starts
   # Inside a workdir whose record waits for the run to start, so does this one.
-  defer = defer or any(path == p or path.startswith(p.rstrip(os.sep) + os.sep)
+  defer = defer or any((path + os.sep).startswith(p.rstrip(os.sep) + os.sep)
                        for p in _pending_configs)
   saved = read_config(path)
   if saved is None:
@@ -379,19 +379,28 @@ def _record(path: str, config: dict, diff: dict, defer: bool) -> None:
   _write_json_atomic(os.path.join(path, CONFIG_FILE), config)
 
 
+def _related(path: str, other: str) -> bool:
+  """Whether one of the two folders holds the other (or they are the same)."""
+  path, other = path.rstrip(os.sep) + os.sep, other.rstrip(os.sep) + os.sep
+  return path.startswith(other) or other.startswith(path)
+
+
 def record_config(directory: str) -> None:
-  """Writes the deferred `config.json` of `directory` and of every workdir
-  that holds it (`check_config(..., defer=True)`); nothing if none waits."""
+  """Writes the deferred `config.json` of `directory`, of every workdir that
+  holds it and of every workdir inside it (`check_config(..., defer=True)`);
+  nothing if none waits."""
   here = os.path.abspath(directory)
-  for path in [p for p in _pending_configs
-               if here == p or here.startswith(p.rstrip(os.sep) + os.sep)]:
+  for path in sorted(p for p in _pending_configs if _related(p, here)):
     config, diff = _pending_configs.pop(path)
     _record(path, config, diff, defer=False)
 
 
 def forget_config(workdir: str) -> None:
-  """Drops the deferred record of `workdir` (its run was refused)."""
-  _pending_configs.pop(os.path.abspath(workdir), None)
+  """Drops the deferred records of `workdir` and of the workdirs inside it
+  (its run was refused before it started)."""
+  here = os.path.abspath(workdir)
+  for path in [p for p in _pending_configs if _related(p, here)]:
+    del _pending_configs[path]
 
 
 # --------------------------------------------------------------------------
