@@ -277,9 +277,10 @@ def main(run_fn: Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]],
 
   Defines `--config` (default `experiments/configs/NAME.py`, preset `paper`),
   parses it, validates it, joins a multi-host run, checks the global batch
-  against the devices, locks the workdir, saves the config as
+  against the devices, locks the workdir, checks the config against
   `W/config.json` (refusing a resume under a different one unless
-  `--allow_config_change`) and in TensorBoard, calls `run_fn(config, W)` and
+  `--allow_config_change`; the file is written once the run starts) and
+  shows it in TensorBoard, calls `run_fn(config, W)` and
   prints one line with the headline numbers.
   """
   try:
