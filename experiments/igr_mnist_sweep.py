@@ -41,6 +41,7 @@ import jax
 import ml_collections
 import optax
 
+from jreg import checkpoint as checkpoint_lib
 from jreg import cli
 from jreg import data
 from jreg import gradient_regularization as gr
@@ -79,12 +80,22 @@ def train_run(config: ml_collections.ConfigDict, arrays, workdir: str) -> list[d
     return fit(config.num_steps)
   # The stopping rule: train in segments of eval_every steps (each ends with
   # an evaluation and a checkpoint) until an evaluation reaches the training
-  # accuracy, or num_steps. What was trained is read back from metrics.jsonl,
-  # so a restarted command continues where the killed one stopped.
-  history = metrics_lib.read_history(workdir)
-  while stop_step(config, history) is None:
+  # accuracy, or num_steps. What was trained is read back from the records of
+  # metrics.jsonl up to the newest saved checkpoint (the later ones are
+  # trained again), so a command killed at any moment, even between an
+  # evaluation and its checkpoint, continues where the saved state stopped.
+  saved = checkpoint_lib.saved_steps(workdir)
+  history = ([r for r in metrics_lib.read_history(workdir) if r['step'] <= saved[-1]]
+             if saved else [])
+  end = stop_step(config, history)
+  if end is not None and end == saved[-1]:
+    # Finished by an earlier command: `fit` checks the last checkpoint (a
+    # damaged one is trained again) and returns the whole history.
+    return fit(end)
+  while end is None:
     done = max([r['step'] for r in history if r.get('split') == 'eval'], default=0)
     history = fit(min(done + config.eval_every, config.num_steps))
+    end = stop_step(config, history)
   return history
 
 

@@ -3,9 +3,10 @@
 A checkpoint holds the whole `TrainState` (parameters, model state, optimiser
 state, RNG key, step) as arrays, the data iterator's position as JSON, and a
 record of its contents: the SHA-256 of every array's path, dtype, shape and
-bytes and of the data position, with each array's dtype and shape. Nothing
-read back executes code: arrays go through orbax's tensorstore handlers and
-the rest through JSON (no pickle).
+bytes and of the data position, with each array's dtype and shape, and the
+SHA-256 of the record itself (damage to the record is damage, not another
+model). Nothing read back executes code: arrays go through orbax's
+tensorstore handlers and the rest through JSON (no pickle).
 
 Saving is atomic: orbax writes into a temporary directory and renames it into
 place when the write has finished, so a crash during a save never leaves a
@@ -18,9 +19,10 @@ window of a checkpoint written between two scheduled ones); its SHA-256 is
 `extra_sha256` of the checksum record.
 
 Restoring verifies the checksum. A checkpoint that cannot be read or does not
-match its checksum (a flipped bit, a truncated file) is reported in one
-sentence, moved to `checkpoints/damaged/<step>-<UTC time>` (never deleted) and
-the previous checkpoint is tried (`Checkpointer.restore_latest`). A checkpoint
+match its checksum (a flipped bit, in the arrays or in the checksum record,
+a truncated file) is reported in one sentence, with no traceback beside it,
+moved to `checkpoints/damaged/<step>-<UTC time>` (never deleted) and the
+previous checkpoint is tried (`Checkpointer.restore_latest`). A checkpoint
 that is intact but holds arrays of other shapes than the model being trained
 (a different model in the same workdir) is not damage: it raises
 `CheckpointError`.
@@ -33,6 +35,7 @@ import json
 import logging as pylogging
 import os
 import shutil
+import sys
 from typing import Any, Iterator, Optional
 
 from absl import logging
@@ -45,7 +48,11 @@ from jreg import rundir
 from jreg.errors import UserError
 
 DAMAGED_DIR = 'damaged'
-_CHECKSUM_FORMAT = 'jreg-sha256-v1'
+# v2 records carry the SHA-256 of the record itself (`record_sha256`), so that
+# damage to the record is told apart from a checkpoint of another model; v1
+# records (without it) are still read.
+_CHECKSUM_FORMAT = 'jreg-sha256-v2'
+_READABLE_FORMATS = ('jreg-sha256-v1', _CHECKSUM_FORMAT)
 
 
 class CheckpointError(UserError):
@@ -80,12 +87,15 @@ def _leaves(state: Any) -> list[tuple[str, np.ndarray]]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]]
 
 
-def contents_record(state: Any, data_position: Any) -> dict:
+def contents_record(state: Any, data_position: Any,
+                    extra: Optional[dict] = None) -> dict:
   """The checksum record of a checkpoint's contents.
 
   `sha256` covers, for every leaf of `state` in order, its tree path, dtype,
   shape and C-order bytes, then the data position as sorted-key JSON.
-  `arrays` maps each path to `[dtype, shape]`.
+  `arrays` maps each path to `[dtype, shape]`; `extra_sha256` (when `extra` is
+  given) is the SHA-256 of `extra` as sorted-key JSON; `record_sha256` covers
+  all the other fields of the record.
   """
   digest = hashlib.sha256()
   arrays = {}
@@ -95,8 +105,50 @@ def contents_record(state: Any, data_position: Any) -> dict:
     digest.update(json.dumps([path, dtype, shape]).encode())
     digest.update(np.ascontiguousarray(value).tobytes())
   digest.update(json.dumps(data_position, sort_keys=True).encode())
-  return {'format': _CHECKSUM_FORMAT, 'sha256': digest.hexdigest(),
-          'arrays': arrays}
+  record = {'format': _CHECKSUM_FORMAT, 'sha256': digest.hexdigest(),
+            'arrays': arrays}
+  if extra is not None:
+    record['extra_sha256'] = _json_sha256(extra)
+  return dict(record, record_sha256=_record_digest(record))
+
+
+def _record_digest(record: dict) -> str:
+  """SHA-256 of a checksum record's own fields (all but `record_sha256`)."""
+  fields = {k: v for k, v in record.items() if k != 'record_sha256'}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _ignore_closed_loop_reports() -> None:
+  """Silences the leftovers of a failed orbax read.
+
+  When one array of a checkpoint cannot be read, orbax closes its event loop
+  while tensorstore still completes the other reads; each completion then
+  calls into the closed loop and Python prints an 'Event loop is closed'
+  traceback beside the one-sentence warning. Only those reports are dropped
+  (`sys.unraisablehook`, installed once; the previous hook gets every other).
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'jreg_closed_loop_filter', False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  hook.jreg_closed_loop_filter = True
+  sys.unraisablehook = hook
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints saved in `workdir` (not verified; an
+  unfinished save, left in a temporary directory, is not one), ascending."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
 def _json_sha256(value: Any) -> str:
@@ -144,11 +196,10 @@ class Checkpointer:
     """Writes `state` (a pytree of host arrays), the data position, `extra`
     (JSON, optional) and their checksum at `step`."""
     state = jax.tree.map(np.asarray, state)
-    record = contents_record(state, data_position)
+    record = contents_record(state, data_position, extra)
     items = dict(state=ocp.args.StandardSave(state),
                  data=ocp.args.JsonSave(data_position))
     if extra is not None:
-      record['extra_sha256'] = _json_sha256(extra)
       items['extra'] = ocp.args.JsonSave(extra)
     with quiet_orbax():
       self._manager.save(
@@ -156,6 +207,9 @@ class Checkpointer:
               checksum=ocp.args.JsonSave(record), **items), force=True)
       self._manager.wait_until_finished()
     self._extras[step] = extra
+    # The run has really started: a configuration checked with
+    # `jreg.rundir.check_config(defer=True)` is recorded now.
+    rundir.record_config(self.directory)
 
   def extra(self, step: int) -> Optional[dict]:
     """The `extra` dict of the checkpoint of `step` that was last saved or
@@ -184,10 +238,14 @@ class Checkpointer:
             step, args=ocp.args.Composite(checksum=ocp.args.JsonRestore())
         )['checksum']
       except Exception as error:  # pylint: disable=broad-except
+        _ignore_closed_loop_reports()
         raise _Damaged(f'its checksum record cannot be read '
                        f'({_first_line(error)})') from error
-      if not isinstance(record, dict) or record.get('format') != _CHECKSUM_FORMAT:
+      if not isinstance(record, dict) or record.get('format') not in _READABLE_FORMATS:
         raise _Damaged('its checksum record is not in the expected format')
+      if (record['format'] != 'jreg-sha256-v1' and
+          record.get('record_sha256') != _record_digest(record)):
+        raise _Damaged('its checksum record does not match its own SHA-256')
       self._check_shapes(step, abstract, record)
       try:
         restored = self._manager.restore(
@@ -198,6 +256,7 @@ class Checkpointer:
             ),
         )
       except Exception as error:  # pylint: disable=broad-except
+        _ignore_closed_loop_reports()
         raise _Damaged(f'it cannot be read ({_first_line(error)})') from error
     state = jax.tree.unflatten(jax.tree.structure(abstract),
                                jax.tree.leaves(restored['state']))
@@ -234,8 +293,9 @@ class Checkpointer:
         f'the checkpoint of step {step} in {self.directory} holds another model '
         f'than the one being trained ({len(differing)} arrays differ, e.g. '
         f'{path}: saved {saved.get(path, "absent")}, expected '
-        f'{expected.get(path, "absent")}); start afresh (restart) or use '
-        'another workdir.')
+        f'{expected.get(path, "absent")}); start afresh in another workdir '
+        '(`--workdir` on the command line) or move this one aside first '
+        '(`restart=True` in Python).')
 
   def restore_latest(self, target: Any):
     """Restores the newest checkpoint that loads and verifies.

@@ -275,14 +275,16 @@ def execute(name: str,
   """Runs experiment `name` in `workdir` as its command does; returns its results.
 
   Validates the config, checks the global batch against the devices, locks
-  the workdir (a second concurrent run is refused), saves the config as
+  the workdir (a second concurrent run is refused), checks the config against
   `workdir/config.json` (a resume under a different one is refused unless
   `allow_config_change`) and shows it in TensorBoard, then calls
   `run_fn(config, workdir)` with SIGTERM / SIGUSR1 asking its training to
   stop (`jreg.train.stop_on_signals`) and the config's `checkpoint_minutes`
   as the time-based checkpoint interval of its `fit` calls, and, with
   `report`, writes `workdir/report.html` (`jreg.report`: the numbers with
-  units, the figures, the config, the command).
+  units, the figures, the config, the command). `config.json` is written once
+  the run really starts (its first checkpoint) or when it returns, never by a
+  run refused before (its data not found, a checkpoint of another model).
 
   Raises:
     jreg.errors.UserError: ConfigError, a busy or unusable workdir, a changed
@@ -293,11 +295,18 @@ def execute(name: str,
   check_devices(config)
   minutes = config.get('checkpoint_minutes') or 0.0
   with _train.stop_on_signals(), rundir.lock(workdir):
+    # config.json is written once the run really starts (its first
+    # checkpoint) or ends; a run refused before (data not found, a checkpoint
+    # of another model) leaves it as it was.
     rundir.check_config(workdir, config.to_dict(),
-                        allow_change=allow_config_change)
-    log_config(workdir, config)
-    with _train.checkpoint_seconds(60.0 * minutes):
-      results = run_fn(config, workdir)
+                        allow_change=allow_config_change, defer=True)
+    try:
+      log_config(workdir, config)
+      with _train.checkpoint_seconds(60.0 * minutes):
+        results = run_fn(config, workdir)
+      rundir.record_config(workdir)
+    finally:
+      rundir.forget_config(workdir)
     if report and jax.process_index() == 0:
       from jreg import report as report_lib  # pylint: disable=g-import-not-at-top
       report_lib.write_run_report(workdir, name, config, results)
@@ -323,11 +332,12 @@ def main(run_fn: Callable[[ml_collections.ConfigDict, str], Mapping[str, Any]],
 
   Defines `--config` (default `experiments/configs/NAME.py`, preset `paper`),
   parses it, validates it, joins a multi-host run, checks the global batch
-  against the devices, locks the workdir, saves the config as
+  against the devices, locks the workdir, checks the config against
   `W/config.json` (refusing a resume under a different one unless
-  `--allow_config_change`) and in TensorBoard, calls `run_fn(config, W)`,
-  writes `W/report.html` (unless `report` is False) and prints one line with
-  the headline numbers, or calls `finish(results, W)` instead when given.
+  `--allow_config_change`; the file is written once the run starts) and in
+  TensorBoard, calls `run_fn(config, W)`, writes `W/report.html` (unless
+  `report` is False) and prints one line with the headline numbers, or calls
+  `finish(results, W)` instead when given.
   """
   try:
     # Parses the default file and any --config.KEY=VALUE of sys.argv already.

@@ -62,6 +62,11 @@ UNREADABLE_GRACE_S = 5.0
 
 _ABSENT = '(absent)'
 
+# Keys that say how often a run saves, not what it computes: a resume may
+# change them (or meet a record written before they existed) without
+# `allow_change`; the change is logged and recorded in `config_changes.jsonl`.
+OPERATIONAL_KEYS = ('checkpoint_minutes',)
+
 
 class WorkdirError(UserError):
   """The workdir cannot be used: it is a file, or it cannot be written."""
@@ -453,8 +458,14 @@ def read_config(workdir: str) -> Optional[dict]:
                        'start the run afresh.') from None
 
 
+# Records checked with `defer=True` and not yet written: absolute workdir ->
+# (config, accepted differences).
+_pending_configs: dict[str, tuple[dict, dict]] = {}
+
+
 def check_config(workdir: str, config: Mapping[str, Any],
-                 allow_change: bool = False, write: Optional[bool] = None) -> dict:
+                 allow_change: bool = False, write: Optional[bool] = None,
+                 defer: bool = False) -> dict:
   """Records `config` in `workdir/config.json`, or checks it against the record.
 
   Args:
@@ -464,6 +475,12 @@ def check_config(workdir: str, config: Mapping[str, Any],
       differences are logged, appended to `config_changes.jsonl` (one JSON line
       `{"time", "changes": {key: [old, new]}}`), and `config.json` is updated.
     write: whether this process writes files (default: process 0 only).
+    defer: check now but write `config.json` (and the `config_changes.jsonl`
+      line) only when the run really starts: at its first checkpoint in
+      `workdir` or below (`jreg.checkpoint.Checkpointer.save`), or at
+      `record_config`. A run refused before that (its data not found, a
+      checkpoint of another model) leaves the record as it was, so the same
+      command, corrected, is not refused as a change of configuration.
 
   Returns:
     `{dotted key: (old, new)}` of the accepted differences (empty if none).
@@ -476,32 +493,80 @@ def check_config(workdir: str, config: Mapping[str, Any],
     write = _is_primary()
   path = ensure_workdir(workdir) if write else os.path.abspath(workdir)
   new = _jsonable(config)
+  pending = _pending_configs.get(path)
+  if pending is not None and pending[0] == new:
+    return dict(pending[1])  # checked already; recorded when the run starts
+  # Inside a workdir whose record waits for the run to start, so does this one.
+  defer = defer or any((path + os.sep).startswith(p.rstrip(os.sep) + os.sep)
+                       for p in _pending_configs)
   saved = read_config(path)
-  config_path = os.path.join(path, CONFIG_FILE)
   if saved is None:
     if write:
-      _write_json_atomic(config_path, new)
+      _record(path, new, {}, defer)
     return {}
   diff = config_diff(saved, new)
   if not diff:
+    _pending_configs.pop(path, None)
     return {}
   described = describe_diff(diff)
+  if not allow_change and set(diff) <= set(OPERATIONAL_KEYS):
+    # How often the run saves, not what it computes: accepted, and recorded.
+    logging.info('resuming %s with %s', path, described)
+    if write:
+      _record(path, new, diff, defer)
+    return diff
   if not allow_change:
+    diff = {k: v for k, v in diff.items() if k not in OPERATIONAL_KEYS}
+    described = describe_diff(diff)
     raise ConfigMismatchError(
         f'the run in {path} was started with another configuration '
         f'({len(diff)} key{"s differ" if len(diff) > 1 else " differs"}: '
         f'{described}); '
         'resume it with the saved configuration (config.json), start afresh '
-        '(`restart=True`) or in another workdir, or accept the change '
+        'in another workdir (`--workdir` on the command line) or after moving '
+        'this one aside (`restart=True` in Python), or accept the change '
         'explicitly (`--allow_config_change` on the command line, '
         '`allow_config_change=True` in Python).')
   logging.warning('resuming %s under a changed configuration: %s', path, described)
   if write:
+    _record(path, new, diff, defer)
+  return diff
+
+
+def _record(path: str, config: dict, diff: dict, defer: bool) -> None:
+  if defer:
+    _pending_configs[path] = (config, diff)
+    return
+  _pending_configs.pop(path, None)
+  if diff:
     with open(os.path.join(path, CONFIG_CHANGES_FILE), 'a') as f:
       f.write(json.dumps({'time': utc_timestamp(),
                           'changes': {k: list(v) for k, v in diff.items()}}) + '\n')
-    _write_json_atomic(config_path, new)
-  return diff
+  _write_json_atomic(os.path.join(path, CONFIG_FILE), config)
+
+
+def _related(path: str, other: str) -> bool:
+  """Whether one of the two folders holds the other (or they are the same)."""
+  path, other = path.rstrip(os.sep) + os.sep, other.rstrip(os.sep) + os.sep
+  return path.startswith(other) or other.startswith(path)
+
+
+def record_config(directory: str) -> None:
+  """Writes the deferred `config.json` of `directory`, of every workdir that
+  holds it and of every workdir inside it (`check_config(..., defer=True)`);
+  nothing if none waits."""
+  here = os.path.abspath(directory)
+  for path in sorted(p for p in _pending_configs if _related(p, here)):
+    config, diff = _pending_configs.pop(path)
+    _record(path, config, diff, defer=False)
+
+
+def forget_config(workdir: str) -> None:
+  """Drops the deferred records of `workdir` and of the workdirs inside it
+  (its run was refused before it started)."""
+  here = os.path.abspath(workdir)
+  for path in [p for p in _pending_configs if _related(p, here)]:
+    del _pending_configs[path]
 
 
 # --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 import logging as pylogging
 import os
 import shutil
+import sys
 
 import haiku as hk
 import jax
@@ -121,13 +122,40 @@ def test_flipped_bit_is_detected_and_the_run_falls_back(finished_run, tmp_path,
       '3', '6']
 
 
-def test_truncated_checkpoint_falls_back(finished_run, tmp_path, caplog):
+@pytest.mark.parametrize('which', ['largest', 'state/d'])
+def test_truncated_checkpoint_falls_back(finished_run, tmp_path, caplog,
+                                         monkeypatch, which):
   workdir = _copy(finished_run[0], tmp_path)
-  path = _array_files(workdir / 'checkpoints' / '6')[0]
-  with open(path, 'r+b') as f:
-    f.truncate(os.path.getsize(path) // 2)
+  files = _array_files(workdir / 'checkpoints' / '6')
+  if which == 'state/d':  # the merged array data orbax reads first
+    files = [f for f in files
+             if os.path.dirname(f) == str(workdir / 'checkpoints' / '6' / 'state' / 'd')]
+  with open(files[0], 'r+b') as f:
+    f.truncate(os.path.getsize(files[0]) // 2)
+  # Reports Python could not raise (printed as tracebacks on the console).
+  unraisable = []
+  monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
   _, warnings = _resume_ends_as_uninterrupted(workdir, finished_run, caplog)
   assert len(warnings) == 1 and 'falling back' in warnings[0]
+  # The warning alone: no traceback of the failed read's leftovers beside it.
+  assert not [u.exc_value for u in unraisable]
+
+
+def test_flipped_bit_in_the_checksum_record_falls_back(finished_run, tmp_path,
+                                                       caplog):
+  """A flipped bit in the checksum record (here a digit of a recorded
+  shape, so that it still parses as JSON) is damage like a flipped bit of an
+  array, not a sign of another model in the workdir."""
+  workdir = _copy(finished_run[0], tmp_path)
+  path = workdir / 'checkpoints' / '6' / 'checksum' / 'metadata'
+  text = path.read_bytes()
+  at = text.index(b'[64, 1]') + 1
+  path.write_bytes(text[:at] + bytes([text[at] ^ 0x02]) + text[at + 1:])
+  assert b'[44, 1]' in path.read_bytes()
+  iterator, warnings = _resume_ends_as_uninterrupted(workdir, finished_run, caplog)
+  assert iterator.position == NUM_STEPS
+  (warning,) = warnings
+  assert 'checkpoint of step 6' in warning and 'falling back' in warning
 
 
 def test_no_usable_checkpoint_starts_afresh(finished_run, tmp_path, caplog):
@@ -166,6 +194,8 @@ def test_checkpoint_of_another_model_is_a_sentence(tmp_path):
                            r"expected \['<f4', \[4\]\]") as error:
     saver.restore_latest({'w': np.zeros(4, np.float32)})
   assert isinstance(error.value, errors.UserError)
+  # What to do, for the command line and for Python.
+  assert '`--workdir`' in str(error.value) and '`restart=True`' in str(error.value)
   # Not treated as damage: the checkpoint stays where it is.
   assert saver.all_steps() == [1]
   saver.close()

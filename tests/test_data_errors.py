@@ -1,5 +1,6 @@
 """Bad data gets one `DataError` sentence naming the file, the fault, the fix."""
 import gzip
+import hashlib
 import shutil
 
 import numpy as np
@@ -152,3 +153,55 @@ def test_wikitext_binary_token_file(tmp_path):
   with pytest.raises(data.DataError) as error:
     data.load_wikitext('wikitext-2', data_dir=str(tmp_path))
   _check_message(error, str(tmp_path / 'wiki.valid.tokens'), 'not UTF-8')
+
+
+def _cifar10_copy(folder, records_per_file, test_records, seed=0):
+  """A CIFAR-10 folder in the standard format (records of random bytes)."""
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(seed)
+  for name, count in [(f'data_batch_{i}.bin', records_per_file)
+                      for i in range(1, 6)] + [('test_batch.bin', test_records)]:
+    records = rng.integers(0, 256, (count, 3073)).astype(np.uint8)
+    records[:, 0] %= 10
+    records.tofile(folder / name)
+  return folder
+
+
+def test_cifar10_file_with_the_wrong_record_count(tmp_path):
+  """A file one record short (its size still a whole number of records), or
+  a test file of half the records, is refused in one sentence naming it; a
+  folder of complete files, or a deliberately small copy whose files all
+  hold at most SMALL_COPY_RECORDS records, is read."""
+  folder = _cifar10_copy(tmp_path / 'cifar-10-batches-bin', 10_000, 10_000)
+  assert data.load_cifar10('test', data_dir=str(tmp_path))['label'].shape == (10_000,)
+  short = folder / 'data_batch_3.bin'
+  short.write_bytes(short.read_bytes()[:-3073])
+  with pytest.raises(data.DataError) as error:
+    data.load_cifar10('train', data_dir=str(tmp_path))
+  _check_message(error, str(short), '9,999 records instead of the 10,000',
+                 'cifar-10-binary.tar.gz')
+  shutil.rmtree(folder)
+  folder = _cifar10_copy(folder, 10_000, 5_000)
+  with pytest.raises(data.DataError) as error:
+    data.load_cifar10('test', data_dir=str(tmp_path))
+  _check_message(error, str(folder / 'test_batch.bin'), '5,000 records')
+  small = _cifar10_copy(tmp_path / 'small' / 'cifar-10-batches-bin', 64, 160)
+  assert data.load_cifar10('train', data_dir=str(small.parent))['label'].shape == (320,)
+
+
+def test_cifar10_file_unlike_its_listed_sha256(tmp_path):
+  """A SHA256SUMS beside the data (as in the shared data folder) lists the
+  files' digests: a file with one byte changed is refused, naming it."""
+  folder = _cifar10_copy(tmp_path / 'cifar10' / 'cifar-10-batches-bin', 8, 8)
+  lines = [f'{hashlib.sha256(path.read_bytes()).hexdigest()}  '
+           f'{path.relative_to(tmp_path).as_posix()}'
+           for path in sorted(folder.iterdir())]
+  (tmp_path / 'SHA256SUMS').write_text('\n'.join(lines) + '\n')
+  assert data.load_cifar10('test', data_dir=str(tmp_path))['label'].shape == (8,)
+  path = folder / 'test_batch.bin'
+  content = bytearray(path.read_bytes())
+  content[100] ^= 1
+  path.write_bytes(bytes(content))
+  with pytest.raises(data.DataError) as error:
+    data.load_cifar10('test', data_dir=str(tmp_path))
+  _check_message(error, str(path), 'SHA256SUMS lists', 'cifar-10-binary.tar.gz')

@@ -53,6 +53,13 @@ def test_vocabulary_order_follows_transformer_xl(tmp_path):
   _write_corpus(folder, train='a b\n', valid='a e\n')
   with pytest.raises(data.DataError, match="wiki.valid.tokens holds a symbol 'e'"):
     data.load_wikitext('wikitext-2', data_dir=str(folder))
+  # A training file without tokens (empty or blank lines) is named, not the
+  # validation file whose symbols it cannot know.
+  for train in ('', '\n \n\t\n'):
+    _write_corpus(folder, train=train, valid='a e\n')
+    with pytest.raises(data.DataError,
+                       match='wiki.train.tokens (has no lines|holds no tokens)'):
+      data.load_wikitext('wikitext-2', data_dir=str(folder))
   # With <unk> in the vocabulary, unseen symbols map to it.
   _write_corpus(folder, train='<unk> x x\n', valid='y x\n')
   corpus = data.load_wikitext('wikitext-2', data_dir=str(folder))

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import http.server
 import io
+import logging as pylogging
 import pathlib
 import sys
 import tarfile
@@ -226,7 +227,7 @@ def test_bad_bytes_are_refused_and_nothing_is_left(server, tmp_path,
   message = str(error.value)
   assert '\n' not in message and message.endswith('.')
   assert 'SHA-256' in message and 'deleted' in message
-  assert list((tmp_path / 'mnist').iterdir()) == []
+  assert not (tmp_path / 'mnist').exists()  # nor the folder made for it
 
 
 def test_cut_download_resumes_with_a_range_request(server, tmp_path,
@@ -286,6 +287,38 @@ def test_http_error_and_offline_are_one_sentence(server, tmp_path):
   assert 'could not download http://127.0.0.1:9/missing.gz' in str(error.value)
   assert 'offline' in str(error.value)
   assert not list(tmp_path.iterdir())
+
+
+def test_refused_download_leaves_no_empty_folders(server, tmp_path):
+  remote = download.RemoteFile('missing.gz', 'unused', '0' * 64)
+  for mirror in (server.url, 'http://127.0.0.1:9'):
+    with pytest.raises(data.DataError):
+      download.fetch(remote, tmp_path / 'data' / 'mnist' / 'missing.gz',
+                     mirror=mirror, progress=False)
+    assert not list(tmp_path.iterdir())
+  with pytest.raises(data.DataError):
+    data.load_mnist('test', source='download', data_dir=str(tmp_path / 'data'),
+                    mirror=server.url)
+  assert not list(tmp_path.iterdir())
+
+
+def test_stale_partial_download_is_not_blamed_on_the_server(
+    server, tmp_path, standard_data, caplog):
+  """Bytes kept from an earlier try that do not belong to the file (another
+  version of it) are dropped and the file is fetched from its first byte."""
+  content = (standard_data / 'mnist' / 't10k-images-idx3-ubyte.gz').read_bytes()
+  server.files['t10k-labels-idx1-ubyte.gz'] = content
+  folder = tmp_path / 'mnist'
+  folder.mkdir()
+  stale = bytearray(content[:len(content) // 3])
+  stale[10] ^= 0xFF
+  (folder / 't10k-labels-idx1-ubyte.gz.part').write_bytes(bytes(stale))
+  with caplog.at_level(pylogging.WARNING):
+    assert _fetch(server, tmp_path, content).read_bytes() == content
+  assert [requested for _, requested in server.requests] == [
+      f'bytes={len(stale)}-', None]
+  assert any('earlier download' in r.getMessage() for r in caplog.records)
+  assert [path.name for path in folder.iterdir()] == ['t10k-labels-idx1-ubyte.gz']
 
 
 def test_imagenet_is_a_manual_download(tmp_path):

@@ -11,6 +11,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
+
 from experiments import quickstart
 from jreg import cli
 from jreg import rundir
@@ -112,3 +115,55 @@ def test_quickstart_runs_forwards_data_settings_and_reports(tmp_path):
   saved = json.loads((tmp_path / 'summary.json').read_text())
   assert set(saved) == set(summary)
   assert os.path.isfile(tmp_path / 'synthetic_mlp' / 'config.json')
+
+
+def test_config_json_is_written_only_once_the_run_really_starts(
+    shared_data, tmp_path):
+  """A run refused before it starts (its data not found, a checkpoint of
+  another model under `--allow_config_change`) leaves config.json as it
+  was, so the corrected or the original command is not refused as a change."""
+  from experiments import igr_mnist_sweep  # pylint: disable=g-import-not-at-top
+  from jreg import checkpoint  # pylint: disable=g-import-not-at-top
+  from jreg import data  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  overrides = {'num_steps': 2, 'eval_every': 2, 'checkpoint_every': 0,
+               'sweep.model_width': (8,), 'sweep.learning_rate': (0.1,),
+               'sweep.regularizer_coefficient': (0.0,),
+               'data.train_examples': 256, 'data.eval_examples': 256}
+  wrong = cli.get_config('igr_mnist_sweep', 'quickstart',
+                         dict(overrides, **{'data.dir': str(tmp_path / 'nowhere')}))
+  with pytest.raises(data.DataError):
+    cli.execute('igr_mnist_sweep', igr_mnist_sweep.run, wrong, str(workdir))
+  assert rundir.read_config(workdir) is None
+  right = cli.get_config('igr_mnist_sweep', 'quickstart',
+                         dict(overrides, **{'data.dir': str(shared_data)}))
+  cli.execute('igr_mnist_sweep', igr_mnist_sweep.run, right, str(workdir))
+  assert rundir.read_config(workdir) == json.loads(json.dumps(right.to_dict()))
+
+  # An accepted change whose run is then refused changes nothing on disk.
+  changed = right.copy_and_resolve_references()
+  changed.seed = 7
+
+  def refused(config, path):
+    del config
+    raise checkpoint.CheckpointError(f'the checkpoint in {path} holds another model.')
+
+  with pytest.raises(checkpoint.CheckpointError):
+    cli.execute('igr_mnist_sweep', refused, changed, str(workdir),
+                allow_config_change=True)
+  assert rundir.read_config(workdir)['seed'] == right.seed
+  assert not (workdir / rundir.CONFIG_CHANGES_FILE).exists()
+  cli.execute('igr_mnist_sweep', igr_mnist_sweep.run, right, str(workdir))
+
+  # A change whose run starts (its first checkpoint) is recorded, even if the
+  # run stops later.
+  def started(config, path):
+    del config
+    saver = checkpoint.Checkpointer(path)
+    saver.save(1, {'w': np.zeros(2, np.float32)}, {'position': 0})
+    saver.close()
+    raise checkpoint.CheckpointError('stopped after its first checkpoint.')
+
+  with pytest.raises(checkpoint.CheckpointError):
+    cli.execute('igr_mnist_sweep', started, changed, str(tmp_path / 'other'))
+  assert rundir.read_config(tmp_path / 'other')['seed'] == 7

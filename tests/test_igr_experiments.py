@@ -15,6 +15,7 @@ from experiments import egr_cifar10
 from experiments import igr_mnist_sweep
 from experiments import igr_two_parameter
 from experiments import synthetic_mlp
+from jreg import checkpoint as checkpoint_lib
 from jreg import cli
 from jreg import data
 from jreg import gradient_regularization as gr
@@ -300,6 +301,30 @@ def test_mnist_sweep_stopping_rule_stops_at_the_first_evaluation_reaching_it(
   assert _runs(killed) == _runs(reference)
   igr_mnist_sweep.run(config, killed)  # finished: trains nothing more
   assert _runs(killed) == _runs(reference)
+  # Killed while saving a segment's checkpoint (an unfinished temporary
+  # directory left behind): in the segment before the stop, and at the stop
+  # itself, whose evaluation is already logged. The restart trains the
+  # unsaved segment again: the same rows, results and final checkpoint.
+  save = checkpoint_lib.Checkpointer.save
+  reference_results = json.load(open(os.path.join(reference, 'results.json')))
+  for kill_step in (stop_step - 2, stop_step):
+    def killed_saving(self, step, *args, kill_step=kill_step):
+      if step == kill_step:
+        os.makedirs(os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp'))
+        raise Killed()
+      save(self, step, *args)
+
+    monkeypatch.setattr(checkpoint_lib.Checkpointer, 'save', killed_saving)
+    killed = str(tmp_path / f'killed_saving_{kill_step}')
+    with pytest.raises(Killed):
+      igr_mnist_sweep.run(config, killed)
+    monkeypatch.setattr(checkpoint_lib.Checkpointer, 'save', save)
+    igr_mnist_sweep.run(config, killed)
+    assert _runs(killed) == _runs(reference)
+    assert json.load(open(os.path.join(killed, 'results.json'))) == reference_results
+    (run_dir,) = (os.path.join(killed, 'runs', name)
+                  for name in os.listdir(os.path.join(killed, 'runs')))
+    assert checkpoint_lib.saved_steps(run_dir)[-1] == stop_step
   # A cap reached before the rule: the run ends at num_steps, not marked reached.
   capped = config.copy_and_resolve_references()
   capped.stop_train_accuracy, capped.num_steps = 1.0, 4

@@ -3,6 +3,7 @@ and its experiments."""
 import json
 import math
 import os
+import time
 
 import haiku as hk
 import jax
@@ -294,6 +295,22 @@ def test_cifar10_experiment_end_to_end(tmp_path, shared_data):
   assert 1 <= results['test']['probe_nfe_to_tol'] <= config.probe.max_iter
   for name in ('convergence.png', 'accuracy_vs_time.png'):
     assert os.path.getsize(tmp_path / name) > 1000
+  # A resumed run's training time goes on from its last kept evaluation (here
+  # set to 1000 s) instead of starting again at 0.
+  records = metrics_lib.read_history(str(tmp_path))
+  for record in records:
+    if record['split'] == 'eval':
+      record['train_wall_time'] = 1000.0
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.writelines(json.dumps(record) + '\n' for record in records)
+  config.num_steps = 4
+  start = time.perf_counter()
+  results = cli.execute('deq_cifar10', deq_cifar10.run, config, str(tmp_path),
+                        allow_config_change=True)
+  elapsed = time.perf_counter() - start
+  (last,) = [r for r in _history(tmp_path) if r['split'] == 'eval' and r['step'] == 4]
+  assert last['train_wall_time'] == results['test']['train_wall_time']
+  assert 1000 < last['train_wall_time'] < 1000 + elapsed
 
 
 def test_imagenet_experiment_end_to_end(tmp_path, shared_data):

@@ -131,8 +131,12 @@ def test_check_config_records_refuses_and_logs(tmp_path, caplog):
   assert rundir.check_config(tmp_path, config) == {}  # same: accepted
   changed = {'optimizer': {'name': 'adam', 'learning_rate': 0.1}}
   with pytest.raises(rundir.ConfigMismatchError,
-                     match=r'1 key differs: optimizer\.name: "sgd" → "adam"'):
+                     match=r'1 key differs: optimizer\.name: "sgd" → "adam"') as error:
     rundir.check_config(tmp_path, changed)
+  # What to do, for the command line and for Python.
+  for words in ('`--workdir` on the command line', '`restart=True` in Python',
+                '`--allow_config_change` on the command line'):
+    assert words in str(error.value)
   assert rundir.read_config(tmp_path) == config  # a refusal changes nothing
   with caplog.at_level(pylogging.WARNING):
     rundir.check_config(tmp_path, changed, allow_change=True)
@@ -141,6 +145,24 @@ def test_check_config_records_refuses_and_logs(tmp_path, caplog):
   with open(tmp_path / rundir.CONFIG_CHANGES_FILE) as f:
     (line,) = f.readlines()
   assert json.loads(line)['changes'] == {'optimizer.name': ['sgd', 'adam']}
+
+
+def test_checkpoint_minutes_may_change_on_a_resume(tmp_path):
+  # A workdir recorded before `checkpoint_minutes` existed, resumed by a
+  # command whose preset sets it: how often a run saves is not what it
+  # computes, so the resume is accepted and the change recorded.
+  old = {'learning_rate': 0.1}
+  rundir.check_config(tmp_path, old)
+  new = {'learning_rate': 0.1, 'checkpoint_minutes': 10.0}
+  assert rundir.check_config(tmp_path, new) == {
+      'checkpoint_minutes': ('(absent)', 10.0)}
+  assert rundir.read_config(tmp_path) == new
+  assert rundir.check_config(tmp_path, dict(new, checkpoint_minutes=0.0))
+  # Beside a change of what the run computes, only that change is named.
+  with pytest.raises(rundir.ConfigMismatchError,
+                     match=r'1 key differs: learning_rate: 0.1 → 0.2\)'):
+    rundir.check_config(tmp_path, {'learning_rate': 0.2,
+                                   'checkpoint_minutes': 5.0})
 
 
 def test_move_aside_keeps_everything(tmp_path):

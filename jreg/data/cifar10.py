@@ -5,6 +5,13 @@ Binary version (Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html):
 each a sequence of 3073-byte records: 1 label byte (0..9), then 3072 pixel
 bytes, the 1024 red values, 1024 green, 1024 blue, each plane a row-major
 32x32 image.
+
+Each standard file holds 10,000 records; a file with another count (a short
+copy whose size is still a whole number of records) is refused, as is a file
+whose SHA-256 differs from the one a `SHA256SUMS` file beside the data lists
+for it (`jreg.data.common.check_listed_sha256`). A folder whose files all
+hold at most `SMALL_COPY_RECORDS` records is a deliberately small copy in
+the standard format (the tests write one) and is read as it is.
 """
 import pathlib
 from typing import Optional
@@ -22,6 +29,9 @@ _FILES = {
 }
 _RECORD_BYTES = 1 + 3 * 32 * 32
 _FOLDER = 'cifar-10-batches-bin'
+STANDARD_RECORDS = 10_000  # in every file of the distribution
+# A folder whose files all hold at most this many records is a small copy.
+SMALL_COPY_RECORDS = 1_000
 
 
 def _how_to_get(directory: pathlib.Path) -> str:
@@ -29,6 +39,29 @@ def _how_to_get(directory: pathlib.Path) -> str:
           "cifar10`) to download and verify them, or download and extract "
           'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz so that '
           f'{directory} holds the .bin files')
+
+
+def check_record_counts(directory: pathlib.Path, how_to_get: str) -> None:
+  """Every standard file in `directory` holds 10,000 records, unless all of
+  them hold at most `SMALL_COPY_RECORDS` (a deliberately small copy).
+
+  Raises:
+    DataError: a file (named) holds another number of records, e.g. one
+      record short of a whole file.
+  """
+  counts = {}
+  for name in _FILES['train'] + _FILES['test']:
+    path = directory / name
+    if path.is_file() and path.stat().st_size % _RECORD_BYTES == 0:
+      counts[path] = path.stat().st_size // _RECORD_BYTES
+  if all(count <= SMALL_COPY_RECORDS for count in counts.values()):
+    return
+  for path, count in counts.items():
+    if count != STANDARD_RECORDS:
+      raise common.DataError(
+          f'{path} holds {count:,} records instead of the {STANDARD_RECORDS:,} '
+          f'of every CIFAR-10 file (a truncated or incomplete copy): '
+          f'{how_to_get}.')
 
 
 def read_cifar10_bin(path: pathlib.Path,
@@ -43,9 +76,11 @@ def read_cifar10_bin(path: pathlib.Path,
     images uint8 [N, 32, 32, 3] and labels int32 [N].
 
   Raises:
-    DataError: missing file, size not a multiple of 3073 bytes, label > 9.
+    DataError: missing file, size not a multiple of 3073 bytes, label > 9,
+      a SHA-256 other than the one a `SHA256SUMS` beside the data lists.
   """
   common.require_file(path, how_to_get)
+  common.check_listed_sha256(path, how_to_get)
   content = np.fromfile(path, np.uint8)
   if content.size == 0 or content.size % _RECORD_BYTES:
     raise common.DataError(
@@ -90,6 +125,7 @@ def load_cifar10(split: str = 'train', *, source: str = common.DEFAULT_SOURCE,
   directory = common.resolve_dataset_dir(
       'cifar10', source, data_dir, (f'cifar10/{_FOLDER}', _FOLDER),
       _FILES[split][0], _how_to_get, mirror)
+  check_record_counts(directory, _how_to_get(directory))
   parts = [read_cifar10_bin(directory / name, _how_to_get(directory))
            for name in _FILES[split]]
   return {'image': np.concatenate([images for images, _ in parts]),

@@ -22,6 +22,7 @@ The data directory is `data_dir` when given, else `$JREG_DATA_DIR`, else the
 cache directory `$XDG_CACHE_HOME/jreg` (`~/.cache/jreg` when
 `$XDG_CACHE_HOME` is unset); it is never derived from where jreg is installed.
 """
+import hashlib
 import os
 import pathlib
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -129,6 +130,45 @@ def require_file(path: pathlib.Path, how_to_get: str) -> pathlib.Path:
   if not path.is_file():
     raise DataError(f'{path} is missing: {how_to_get}.')
   return path
+
+
+SHA256SUMS_FILE = 'SHA256SUMS'
+
+
+def _listed_sha256(path: pathlib.Path, levels: int = 3) -> Optional[str]:
+  """The SHA-256 that a `SHA256SUMS` file (`sha256sum`'s format) in the
+  folder of `path` or in one of its `levels` parents lists for it, or None."""
+  path = path.resolve()
+  for folder in list(path.parents)[:levels + 1]:
+    sums = folder / SHA256SUMS_FILE
+    if not sums.is_file():
+      continue
+    relative = path.relative_to(folder).as_posix()
+    for line in sums.read_text(errors='replace').splitlines():
+      digest, _, name = line.strip().partition(' ')
+      if name.strip().lstrip('*') in (relative, './' + relative):
+        return digest.lower()
+  return None
+
+
+def check_listed_sha256(path: pathlib.Path, how_to_get: str) -> None:
+  """Refuses `path` if a `SHA256SUMS` beside the data lists another digest.
+
+  Raises:
+    DataError: the digests differ (a damaged or replaced file), naming it.
+  """
+  expected = _listed_sha256(path)
+  if expected is None:
+    return
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  if digest.hexdigest() != expected:
+    raise DataError(
+        f'{path} has SHA-256 {digest.hexdigest()}, not the {expected} that '
+        f'{SHA256SUMS_FILE} lists for it (a damaged or replaced file): '
+        f'{how_to_get}.')
 
 
 _TFDS_HOW = ("jreg reads tensorflow-datasets directories that are already "

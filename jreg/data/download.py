@@ -221,17 +221,42 @@ def fetch(remote: RemoteFile, destination: pathlib.Path, *,
 
   Returns:
     `destination` (at once when it already holds the published bytes).
+    Bytes kept in `destination.part` by an earlier call are resumed from; if
+    they and the rest do not make the published digest, they are deleted
+    and the file is downloaded once more from its first byte.
 
   Raises:
     DataError: the server cannot be reached, answers with an error, keeps
       cutting the connection, or sends bytes with another digest (then
-      nothing is left behind).
+      nothing is left behind). A refused download removes the folders it
+      made while they are still empty.
   """
-  url = file_url(remote, mirror)
   if destination.is_file() and _sha256(destination) == remote.sha256:
     return destination       # put there by hand, or fetched before
+  # The folders made for the download, removed again if it is refused
+  # while they are still empty.
+  made = [folder for folder in (destination.parent, *destination.parent.parents)
+          if not folder.exists()]
   destination.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    return _fetch(remote, destination, mirror=mirror, attempts=attempts,
+                  progress=progress)
+  except common.DataError:
+    for folder in made:  # deepest first
+      try:
+        folder.rmdir()
+      except OSError:
+        break            # not empty (a partial download kept), or not ours
+    raise
+
+
+def _fetch(remote: RemoteFile, destination: pathlib.Path, *,
+           mirror: Optional[str], attempts: int, progress: bool) -> pathlib.Path:
+  """`fetch` once `destination`'s folder exists."""
+  url = file_url(remote, mirror)
   part = destination.with_name(destination.name + '.part')
+  # Bytes left by an earlier, interrupted call: the download resumes after them.
+  kept = part.stat().st_size if part.is_file() else 0
   where = (f'put {remote.name} (SHA-256 {remote.sha256}) into '
            f'{destination.parent} yourself, or set {MIRROR_ENV} to a mirror '
            'that holds it')
@@ -256,6 +281,16 @@ def fetch(remote: RemoteFile, destination: pathlib.Path, *,
         f'the download of {url} was cut off {attempts} times ({part} keeps '
         f'the bytes received, and the next try resumes from them): {where}.')
   found = _sha256(part)
+  if found != remote.sha256 and kept:
+    # The stale bytes of an earlier try (e.g. of another version of the file)
+    # are as likely to blame as the server: download once from the first byte.
+    part.unlink()
+    logging.warning('%s: the %d bytes kept in %s from an earlier download and '
+                    'those received after them have SHA-256 %s instead of the '
+                    'published %s; deleted them and downloading from the '
+                    'first byte.', url, kept, part, found, remote.sha256)
+    return _fetch(remote, destination, mirror=mirror, attempts=attempts,
+                  progress=progress)
   if found != remote.sha256:
     part.unlink()
     raise common.DataError(

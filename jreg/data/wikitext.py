@@ -220,6 +220,10 @@ def load_wikitext(variant: str = 'wikitext-103', *,
   counts = collections.Counter()
   for symbols in _lines(paths['train'], how):
     counts.update(symbols[:-1])  # Transformer-XL counts without <eos>
+  if not counts:
+    raise common.DataError(
+        f'{paths["train"]} holds no tokens (an empty or blank training file, '
+        f'from which no vocabulary can be built): {how}.')
   vocabulary = Vocabulary.from_counts(counts)
   logging.info('%s: vocabulary of %d symbols from %s (%.1f s)', variant,
                len(vocabulary), paths['train'], time.perf_counter() - start)
@@ -231,8 +235,9 @@ def load_wikitext(variant: str = 'wikitext-103', *,
         ids.extend(vocabulary.encode(symbols))
       except KeyError as error:
         raise common.DataError(
-            f'{path} holds a {error.args[0]} (a WikiText file from another '
-            f'release?): {how}.') from None
+            f'{path} holds a {error.args[0]} (the vocabulary is built from '
+            f'{paths["train"].name}: a truncated {paths["train"].name}, or files '
+            f'from different releases?): {how}.') from None
     splits[split] = np.frombuffer(ids, np.int32).copy()
     logging.info('%s: encoded %s, %d tokens (%.1f s)', variant, split,
                  len(splits[split]), time.perf_counter() - start)

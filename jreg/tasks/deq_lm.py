@@ -43,6 +43,7 @@ from jreg import xla_cpu
 from jreg.data import wikitext
 from jreg.models import deq_transformer as dtm
 from jreg.tasks import deq as deq_task
+from jreg.tasks import mdeq as mdeq_task
 from jreg.tasks import optimizers
 
 MODEL_KEYS = ('architecture', 'd_model', 'n_head', 'd_head', 'd_inner', 'cutoffs',
@@ -269,7 +270,8 @@ def train(config, workdir: str, corpus, built: Built):
   Evaluation (every `eval_every` steps and at the end) reads `eval_max_batches`
   batches of the validation split (0: all of it) from an empty memory,
   unrolled during pre-training (the reference's eval_n_layer), as a DEQ after.
-  `wall_time` is this process's time since it started training.
+  `wall_time` is the run's time since it started training, carried across
+  resumes (`jreg.tasks.mdeq.carried_time`).
   """
   train_iter = wikitext.wikitext_iterator(corpus, 'train', config.batch_size,
                                           config.data.seq_len)
@@ -277,13 +279,16 @@ def train(config, workdir: str, corpus, built: Built):
       config.learning_rate, config.optimizer, config.num_steps)
   pretrain = pretrain_steps(config, built)
   start_time = time.perf_counter()
+  carried = []  # read at the first evaluation, after `fit` kept its records
 
   def eval_fn(params, model_state):
     steps_done = float(model_state['~']['step_count'])
     out = perplexity(built, params, corpus.valid, config.eval_batch_size,
                      config.data.eval_seq_len, unrolled=steps_done <= pretrain,
                      max_batches=config.eval_max_batches)
-    out['wall_time'] = time.perf_counter() - start_time
+    if not carried:
+      carried.append(mdeq_task.carried_time(workdir, 'wall_time'))
+    out['wall_time'] = carried[0] + time.perf_counter() - start_time
     return out
 
   if pretrain == config.num_steps:

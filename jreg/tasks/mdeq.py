@@ -328,6 +328,23 @@ def build(config, image_shape: tuple[int, int, int], num_steps: int = 1,
                           tuple(image_shape))
 
 
+def carried_time(workdir: str, key: str) -> float:
+  """The training time a resumed run carries over: `key` of the last
+  evaluation record kept in `workdir/metrics.jsonl` (0.0 for a fresh run).
+
+  `jreg.train.fit` keeps the records up to the checkpoint it resumes from, so
+  a resumed run's clock goes on from its last kept evaluation instead of 0
+  (the steps between that evaluation and the checkpoint are not counted).
+  Read at a run's first evaluation, once `fit` has dropped the later records.
+  The times are measurements, not results: comparisons of a resumed run with
+  an uninterrupted one leave them out.
+  """
+  times = [r[key] for r in metrics_lib.read_history(workdir)
+           if r.get('split') == 'eval' and key in r]
+  return float(times[-1]) if times else 0.0
+
+
+
 def make_eval_fn(config, fns: ClassifierFns, probe_fns: ClassifierFns | None,
                  eval_batches: Callable[..., Any], clock: dict):
   """`eval_fn(params, model_state) -> metrics` for jreg.train.fit.
@@ -341,8 +358,8 @@ def make_eval_fn(config, fns: ClassifierFns, probe_fns: ClassifierFns | None,
   batches of that count, and `probe_converged_fraction` the share of examples
   that reached it; `probe_spectral_radius` is the batch mean of rho(J_f(z*))
   at the probe's fixed points (power iteration, `jacobian.radius_iters`).
-  `train_wall_time` is this process's training time so far (evaluation
-  excluded).
+  `train_wall_time` is the run's training time so far (evaluation excluded),
+  carried across resumes from `clock['workdir']` (`carried_time`).
   """
 
   def per_example(predict):
@@ -378,7 +395,11 @@ def make_eval_fn(config, fns: ClassifierFns, probe_fns: ClassifierFns | None,
         result['probe_spectral_radius'] = probe['spectral_radius']
     now = time.perf_counter()
     clock['eval'] += now - start
-    result['train_wall_time'] = now - clock['start'] - clock['eval']
+    if 'carried' not in clock:
+      clock['carried'] = (carried_time(clock['workdir'], 'train_wall_time')
+                          if 'workdir' in clock else 0.0)
+    result['train_wall_time'] = (clock['carried'] + now - clock['start'] -
+                                 clock['eval'])
     return result
 
   return eval_fn
@@ -420,7 +441,7 @@ def train_and_evaluate(config, workdir: str, train_iter,
                if config.model.network == 'mdeq' else None)
   optimizer, schedule = optimizers.make_optimizer(
       config.learning_rate, config.optimizer, num_steps)
-  clock = {'start': time.perf_counter(), 'eval': 0.0}
+  clock = {'start': time.perf_counter(), 'eval': 0.0, 'workdir': workdir}
   eval_fn = make_eval_fn(config, fns, probe_fns, eval_batches, clock)
   pretrain = pretrain_steps(config)
   grad_fn = fns.grad_fn
