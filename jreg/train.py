@@ -511,13 +511,15 @@ def _fit_locked(workdir, par, phases, *, init_fn, optimizer, train_iter,
       if start > num_steps:
         raise checkpoint_lib.CheckpointError(
             f'the latest checkpoint in {checkpointer.directory} is at step '
-            f'{start}, past num_steps={num_steps}; raise num_steps, start '
-            'afresh (restart) or use another workdir.')
+            f'{start}, past num_steps={num_steps}; raise num_steps, or start '
+            'afresh in another workdir (`--workdir` on the command line) or '
+            'after moving this one aside (`restart=True` in Python).')
       if start == num_steps:
         if eval_fn is None or _has_final_eval(workdir, num_steps):
           say(f'the run in {workdir} is already finished (step {start} of '
               f'{num_steps}); returning its final state and recorded history '
-              '(restart=True starts it afresh).')
+              '(to train it again, use another `--workdir` on the command line, '
+              'or `restart=True` in Python).')
           return host_state, _whole_history(workdir, [])
         say(f'the run in {workdir} finished training (step {start} of '
             f'{num_steps}) but not its final evaluation; evaluating it now.')
@@ -687,7 +689,8 @@ def _train_steps(par, phases, state, start, *, optimizer, train_iter,
         stop(signum, num_steps)
       evaluate(num_steps, state)
   except NonFiniteLossError as error:
-    kept = ('no checkpoint was written yet, so a restart begins at step 0'
+    kept = ('no checkpoint was written yet, so running it again begins at '
+            'step 0'
             if last_good is None else
             f'the last good checkpoint (step {last_good}) is kept in '
             f'{checkpointer.directory}')
