@@ -88,10 +88,18 @@ def study(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], dict]:
                        modified=np.asarray(modified_path))
 
 
+def _enable_x64():
+  """`jax.enable_x64(True)`; JAX 0.7 has it as `jax.experimental.enable_x64`."""
+  if hasattr(jax, 'enable_x64'):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
+  return enable_x64(True)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the study; writes results.json and three PNG figures under workdir."""
   cli.validate('igr_two_parameter', config)
-  with jax.enable_x64(True):
+  with _enable_x64():
     results, paths = study(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:

@@ -1,6 +1,7 @@
 """Tests of jreg.deq: solvers, implicit gradients, Jacobian terms, Haiku DEQ."""
 import haiku as hk
 import jax
+from x64 import enable_x64
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -154,7 +155,7 @@ def test_implicit_gradient_matches_unrolled_autodiff(solver, unrolled_reference)
 
 
 def test_implicit_gradient_matches_finite_differences():
-  with jax.enable_x64(True):
+  with enable_x64():
     params = jax.tree.map(lambda v: v.astype(jnp.float64),
                           tanh_params(dtype=jnp.float32))
     x = jnp.asarray(np.random.RandomState(4).randn(2, 3), jnp.float64)

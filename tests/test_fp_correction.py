@@ -1,6 +1,7 @@
 """Fixed-point correction: recorded solver states, their gradients, the weights."""
 import haiku as hk
 import jax
+from x64 import enable_x64
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ def _problem(batch=2, seed=2):
     ('fixed_point', False), ('anderson', False), ('broyden', False),
     ('anderson', True)])  # `unroll` shares the loop driver of all solvers
 def test_recorded_states_equal_solves_with_that_budget(name, unroll):
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, z0 = _problem()
     f = lambda z: tanh_cell(params, z, x)
     config = deq.SolverConfig(name=name, max_iter=7, tol=0.0, unroll=unroll)
@@ -40,7 +41,7 @@ def test_recorded_states_equal_solves_with_that_budget(name, unroll):
 
 
 def test_unreached_states_are_the_final_point():
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, z0 = _problem()
     f = lambda z: tanh_cell(params, z, x)
     config = deq.SolverConfig(name='anderson', max_iter=40, tol=1e-6)
@@ -55,7 +56,7 @@ def test_unreached_states_are_the_final_point():
 
 
 def test_correction_gradient_is_weighted_sum_of_state_gradients():
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, z0 = _problem()
     forward = deq.SolverConfig(name='anderson', max_iter=30, tol=1e-12,
                                stop_mode='abs', ridge=1e-10)

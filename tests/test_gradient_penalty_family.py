@@ -7,6 +7,7 @@ against closed forms on a linear regression."""
 import functools
 
 import jax
+from x64 import enable_x64
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 import numpy as np
@@ -111,7 +112,7 @@ def test_small_radius_limit_is_the_exact_penalty():
   """α = 2μ‖∇L‖/r: forward error O(r), central O(r²) against ∇L + 2μH∇L; the
   coefficient form is the same formula and equals the existing forward
   'finite_difference' method with ε = r."""
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, y = _problem()
     mu = 0.2
     exact = _exact_penalised(params, x, y, mu)
@@ -142,7 +143,7 @@ def test_small_radius_limit_is_the_exact_penalty():
 
 def test_fixed_alpha_limit_is_the_gradient_norm_penalty():
   """α = λ/r fixed λ: g → ∇(L + λ‖∇L‖) ([ZZH22]), error O(r)."""
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, y = _problem()
     lam = 0.05
     exact = jax.grad(lambda p: _loss(p, x, y) + lam * jnp.sqrt(
@@ -161,7 +162,7 @@ def test_fixed_alpha_limit_is_the_gradient_norm_penalty():
 
 
 def test_groups_perturb_separately_with_per_group_alpha():
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, y = _problem()
     r, k = 0.05, 4
     alphas = [0.0, 0.5, 1.0, 2.0]
@@ -244,7 +245,7 @@ def test_warmup_factors():
 
 
 def test_warmup_scales_the_penalty():
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, y = _problem()
     mu, warm = 0.3, gr.PenaltyWarmup(4, 'lambda')
     f = jax.jit(gr.penalized_value_and_grad(_loss, coefficient=mu,
@@ -337,7 +338,7 @@ def test_family_grad_fn_with_radius_warmup():
 
 def test_per_block_coefficients():
   """(1/k) Σⱼ ∇(Lⱼ + μⱼ‖∇Lⱼ‖²), block j = examples [j·B/k, (j+1)·B/k)."""
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, y = _problem()
     mus, k = (0.0, 0.1, 0.4, 1.0), 4
     xs, ys = x.reshape(k, -1, 3), y.reshape(k, -1, 2)
@@ -371,7 +372,7 @@ def _split_penalised(params, xs, ys, mu, k):
 
 def test_unbiased_penalty_gradient():
   """k = 2: ḡ + μ(H_A g_B + H_B g_A), three methods; k = 3 likewise."""
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, y = _problem(batch=24)
     mu = 0.3
     for k, methods in ((2, ('double_backprop', 'hvp', 'finite_difference')),
@@ -406,7 +407,7 @@ def test_unbiased_estimate_monte_carlo_against_closed_forms():
   E‖ḡ_B‖² = ‖G‖² + tr Σ/B and E[U] = ‖G‖², and E[penalised gradient] =
   ∇(L + μ‖∇L‖²) of the population; without replacement:
   E‖ḡ_B‖² = ‖G‖² + (tr Σ/B)(N−B)/(N−1) and E[U] = ‖G‖² − tr Σ/(N−1)."""
-  with jax.enable_x64(True):
+  with enable_x64():
     w, x, y = _linear_regression()
     n, batch, mu, draws = x.shape[0], 8, 0.5, 20000
     per_example = jax.vmap(jax.grad(_lr_loss), in_axes=(None, 0, 0))(

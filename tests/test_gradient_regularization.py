@@ -5,6 +5,7 @@ import functools
 
 import haiku as hk
 import jax
+from x64 import enable_x64
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 import numpy as np
@@ -44,7 +45,7 @@ def _quadratic_loss(theta, a, b):
 
 @pytest.mark.parametrize('method', METHODS)
 def test_quadratic_closed_form(method):
-  with jax.enable_x64(True):
+  with enable_x64():
     a, b, theta = _quadratic()
     mu = 0.37
     grad = a @ theta - b
@@ -93,7 +94,7 @@ def _penalised_loss(params, x, y, mu):
 
 def test_mlp_penalised_gradient_matches_finite_differences_of_penalised_loss():
   """Exact methods vs central differences of L + μ‖∇L‖² itself (float64)."""
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, y = _mlp_problem()
     mu = 0.2
     flat, unravel = ravel_pytree(params)
@@ -111,7 +112,7 @@ def test_mlp_penalised_gradient_matches_finite_differences_of_penalised_loss():
 
 
 def test_double_backprop_equals_grad_of_penalised_loss():
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, y = _mlp_problem()
     mu = 0.2
     reference = jax.grad(_penalised_loss)(params, x, y, mu)
@@ -139,7 +140,7 @@ def test_three_methods_agree_in_float32():
 
 def test_finite_difference_error_is_first_order_in_epsilon():
   """err(ε) = ‖FD − exact‖ ∝ ε: log-log slope ≈ 1 (float64, no rounding)."""
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, y = _mlp_problem()
     mu = 0.2
     exact = jax.grad(_penalised_loss)(params, x, y, mu)
@@ -204,7 +205,7 @@ def test_bad_options_raise():
 @pytest.mark.parametrize('method', ['double_backprop', 'finite_difference'])
 def test_microbatch_penalty_matches_explicit_sum(method):
   """grad = (1/k) Σⱼ ∇(Lⱼ + μ‖∇Lⱼ‖²), loss = (1/k) Σⱼ Lⱼ."""
-  with jax.enable_x64(True):
+  with enable_x64():
     params, x, y = _mlp_problem()
     mu, k = 0.3, 4
     xs, ys = x.reshape(k, -1, 3), y.reshape(k, -1, 2)

@@ -5,6 +5,7 @@ Each example of a batch is its own system; references are
 """
 import haiku as hk
 import jax
+from x64 import enable_x64
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ KRYLOV = ('gmres', 'bicgstab')
 
 @pytest.fixture
 def x64():
-  with jax.enable_x64(True):
+  with enable_x64():
     yield
 
 

@@ -5,6 +5,7 @@ The user's solver below is written only with the public building blocks
 """
 import haiku as hk
 import jax
+from x64 import enable_x64
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def secant():
 
 @pytest.fixture
 def x64():
-  with jax.enable_x64(True):
+  with enable_x64():
     yield
 
 

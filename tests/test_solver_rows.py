@@ -1,5 +1,6 @@
 """The solvers' row layout [B, N, C] and Anderson's closed-form weights."""
 import jax
+from x64 import enable_x64
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def test_anderson_weights_solve_the_bordered_system(filled):
   """alpha = H^-1 v / (v^T H^-1 v) is the alpha of locuslab/deq's system."""
   m, batch = 5, 3
   rng = np.random.RandomState(filled)
-  with jax.enable_x64(True):
+  with enable_x64():
     g = rng.randn(batch, m, 8)
     g[:, filled:] = 0.0                                   # unfilled history
     valid = (np.arange(m) < filled).astype(np.float64)
@@ -71,7 +72,7 @@ def test_solvers_give_the_same_iterates_on_images_and_flat_rows(name):
   rng = np.random.RandomState(1)
   shape = (2, 3, 3, 4)
   dim = int(np.prod(shape[1:]))
-  with jax.enable_x64(True):
+  with enable_x64():
     a = jnp.asarray(0.6 * np.linalg.qr(rng.randn(dim, dim))[0])
     bias = jnp.asarray(rng.randn(2, dim))
     flat_map = lambda z: jnp.tanh(z @ a.T + bias)               # z: [B, D]

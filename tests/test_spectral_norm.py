@@ -1,6 +1,7 @@
 """Spectral normalisation of Haiku weights (jreg.layers.spectral_normalize)."""
 import haiku as hk
 import jax
+from x64 import enable_x64
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def _top_singular_values(w):
 @pytest.mark.parametrize('shape', [(5, 3), (3, 7), (8, 8), (3, 3, 2, 4),
                                    (1, 1, 6, 5)])
 def test_sigma_estimate_matches_svd(shape):
-  with jax.enable_x64(True):
+  with enable_x64():
     for seed in range(3):
       w = np.random.RandomState(seed).randn(*shape)
       s1, s2 = _top_singular_values(w)
@@ -35,7 +36,7 @@ def test_sigma_estimate_matches_svd(shape):
 @pytest.mark.parametrize('scale, clip', [(1.0, False), (0.7, False),
                                          (50.0, True)])
 def test_normalised_linear_has_target_norm(scale, clip):
-  with jax.enable_x64(True):
+  with enable_x64():
     def fn(x):
       return hk.Linear(5, w_init=hk.initializers.RandomNormal(2.0))(x)
 
@@ -59,7 +60,7 @@ def test_normalised_linear_has_target_norm(scale, clip):
 
 
 def test_normalised_conv_kernel_and_operator_bound():
-  with jax.enable_x64(True):
+  with enable_x64():
     def fn(x):
       return layers.Conv2D(3, 3, w_init=hk.initializers.RandomNormal(1.0))(x)
 
@@ -114,7 +115,7 @@ def test_deq_cell_contracts_and_converges():
 
 
 def test_gradients_match_finite_differences():
-  with jax.enable_x64(True):
+  with enable_x64():
     def fn(x):
       return jnp.tanh(hk.Linear(3, name='a')(x)) @ jnp.ones((3, 2))
 

@@ -36,12 +36,15 @@ def _convolutions_in_ynn_fusions(compiled_text):
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='CPU options')
 def test_convolutions_leave_ynnpack_on_cpu_with_the_same_values():
-  assert xla_cpu.compiler_options() == xla_cpu.CPU_OPTIONS
   x, w = _args()
   ours = xla_cpu.jit(_conv)
   text = ours.lower(x, w).compile().as_text()
   assert ' convolution(' in text
-  assert _convolutions_in_ynn_fusions(text) == 0
+  if xla_cpu.compiler_options() is not None:
+    assert xla_cpu.compiler_options() == xla_cpu.CPU_OPTIONS
+    assert _convolutions_in_ynn_fusions(text) == 0
+  else:  # an older jaxlib (JAX 0.7.2, the floor) has no such option: plain jit
+    assert jax.__version_info__ < (0, 10), jax.__version__
   default_text = jax.jit(_conv).lower(x, w).compile().as_text()
   if '__ynn_fusion' in default_text:  # jaxlib 0.10 and 0.12: the helper sees it
     assert _convolutions_in_ynn_fusions(default_text) == 1
