@@ -38,7 +38,7 @@ IMPORTED_ON_THEIR_OWN = ('jreg.layers', 'jreg.xla_cpu', 'jreg.plotting',
 INTERNAL = ('jreg.checkpoint', 'jreg.cli', 'jreg.distributed',
             'jreg.metrics', 'jreg.report', 'jreg.rundir', 'jreg.tasks')
 GUIDE_PAGES = ('architecture', 'data', 'deq', 'gradient_regularization',
-               'models', 'reproduction', 'api')
+               'models', 'reproduction', 'reproduction_protocol', 'api')
 
 
 def _unavailable(reason):
