@@ -46,10 +46,11 @@ if [[ $# -lt 1 ]]; then
 fi
 module_name="$1"; shift
 child=
+pending=
 terminated=0
 forward() {  # forward() SIGNAL: pass a signal of this shell on to the step
   echo "jreg: SIG$1 received: the run saves a checkpoint and stops"
-  if [[ -n "$child" ]]; then kill -"$1" "$child" 2>/dev/null; fi
+  if [[ -n "$child" ]]; then kill -"$1" "$child" 2>/dev/null; else pending=$1; fi
 }
 trap 'forward USR1' USR1
 trap 'terminated=1; forward TERM' TERM
@@ -58,6 +59,8 @@ trap 'terminated=1; forward TERM' TERM
 srun --kill-on-bad-exit=1 --cpu-bind=cores \
     python -m "$module_name" --dist_slurm "$@" &
 child=$!
+# A signal that came before $child was known goes to the run now.
+if [[ -n "$pending" ]]; then kill -"$pending" "$child" 2>/dev/null; fi
 while true; do
   wait "$child"
   status=$?

@@ -200,7 +200,7 @@ def test_mnist_sweep_run_twice_reports_the_same(sweep, tmp_path):
   copy = tmp_path / 'copy'
   shutil.copytree(workdir, copy)
   (copy / 'runs' / next(iter(_runs(workdir))) / 'metrics.jsonl').unlink()
-  with pytest.raises(igr.RunRecordError, match='no evaluation record at step 6'):
+  with pytest.raises(igr.RunRecordError, match='has no training records'):
     igr_mnist_sweep.run(config, str(copy))
 
 
@@ -308,11 +308,11 @@ def test_mnist_sweep_stopping_rule_stops_at_the_first_evaluation_reaching_it(
   save = checkpoint_lib.Checkpointer.save
   reference_results = json.load(open(os.path.join(reference, 'results.json')))
   for kill_step in (stop_step - 2, stop_step):
-    def killed_saving(self, step, *args, kill_step=kill_step):
+    def killed_saving(self, step, *args, kill_step=kill_step, **kwargs):
       if step == kill_step:
         os.makedirs(os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp'))
         raise Killed()
-      save(self, step, *args)
+      save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_lib.Checkpointer, 'save', killed_saving)
     killed = str(tmp_path / f'killed_saving_{kill_step}')

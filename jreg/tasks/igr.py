@@ -213,8 +213,15 @@ def final_record(history: Sequence[Mapping[str, Any]], step: int,
   """The evaluation record the run in `run_dir` logged at `step` (its last).
 
   Raises:
-    RunRecordError: its `metrics.jsonl` has no evaluation at `step`.
+    RunRecordError: its `metrics.jsonl` has no evaluation at `step`, or no
+      training record (a removed file: a resumed finished run evaluates again,
+      but its training records are gone).
   """
+  if not any(r.get('split') == 'train' for r in history):
+    raise RunRecordError(
+        f'the run in {run_dir} has no training records in its metrics.jsonl '
+        '(was the file removed or edited?); start that run afresh by moving '
+        'its folder away.')
   found = [r for r in history if r.get('split') == 'eval' and r['step'] == step]
   if not found:
     raise RunRecordError(
