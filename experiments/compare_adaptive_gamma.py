@@ -4,9 +4,9 @@ Reads each run's `metrics.jsonl` and `config.json` (a run folder of
 `experiments.deq_synthetic`, `W/runs/<name>/`, or the workdir of
 `experiments.deq_cifar10`) and draws, against the training step, gamma
 (`jacobian.weight` for a fixed run, the controller's gamma_t for an adaptive
-one; `jreg.deq.adaptive`), the training forward NFE and the training loss
-term (`mse` or `cross_entropy`); prints one JSON line per run with the final
-logged values.
+one; `jreg.deq.adaptive`), the training forward NFE (with the runs' budgets
+`deq.forward.max_iter`) and the training loss term (`mse` or
+`cross_entropy`); prints one JSON line per run with the final logged values.
 
     python -m experiments.compare_adaptive_gamma --out=FIGURE.png \
         --title='...' --loss_key=mse 'fixed gamma 1=RUN_DIR' \
@@ -57,6 +57,9 @@ def plot(runs: Mapping[str, str], out: str, title: str,
     plotting.curves(axes[1], {k: metrics_lib.series(h, 'forward_nfe')
                               for k, h in histories.items()},
                     'training step', 'forward NFE (solver evaluations)')
+    for value in sorted({plotting.solver_budgets(c)['forward_nfe']
+                         for c in configs.values()} - {None}):
+      plotting.budget(axes[1], value, 'forward max_iter')
     plotting.curves(axes[2], {k: metrics_lib.series(h, loss_key)
                               for k, h in histories.items()},
                     'training step', f'training {loss_key} (per example)',

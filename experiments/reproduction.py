@@ -512,12 +512,13 @@ def egr_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
 
 
 def synthetic_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
-  readings = {}
+  readings, probe_budgets = {}, set()
   for folder, reading in SYNTHETIC_READINGS.items():
     r = read_json(os.path.join(runs, folder, 'results.json'))
     table = {}
     for name, row in r['runs'].items():
       config = run_config(os.path.join(runs, folder, 'runs', name))
+      probe_budgets.add(plotting.solver_budgets(config)['probe_nfe_to_tol'])
       table.setdefault(config.jacobian.weight, []).append(dict(row, seed=config.seed))
     readings[folder] = dict(reading=reading, steps=r['steps_per_run'], by_gamma={
         f'{g:g}': dict(
@@ -526,7 +527,8 @@ def synthetic_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
             nfe_to_tolerance=[row['nfe_to_tol'] for row in rows],
             spectral_radius=[row['spectral_radius'] for row in rows])
         for g, rows in sorted(table.items())})
-  plot_synthetic(readings, os.path.join(figures, 'repro_synthetic.png'))
+  plot_synthetic(readings, os.path.join(figures, 'repro_synthetic.png'),
+                 probe_budgets)
   copy_synthetic_surfaces(runs, figures)
 
   def fitted(folder):  # runs within 2x the noise floor
@@ -598,7 +600,7 @@ def mdeq_claims(runs: str, figures: str) -> tuple[list[dict], dict]:
                for r in history if r['split'] == 'train'])
   config = run_config(os.path.join(runs, done[min(done)]))
   seeds = sorted({seed for _, seed in done})
-  plot_mdeq(per_run, os.path.join(figures, 'repro_mdeq.png'))
+  plot_mdeq(per_run, config, os.path.join(figures, 'repro_mdeq.png'))
 
   def mean(label, fn):
     return float(np.mean([fn(r) for r in per_run.values() if r['label'] == label]))
@@ -859,8 +861,9 @@ def plot_egr(per_run, path):
                  f'CIFAR-10 ResNet, EGR mu = {EGR_COEFFICIENT:g}')
 
 
-def plot_synthetic(readings, path):
-  """Validation MSE, NFE to tolerance and rho(J_f(z*)) per gamma and reading."""
+def plot_synthetic(readings, path, probe_budgets=()):
+  """Validation MSE, NFE to tolerance and rho(J_f(z*)) per gamma and reading;
+  `probe_budgets` (the runs' `probe.max_iter`) are drawn on the NFE panel."""
   panels = (('validation_mse', 'validation MSE', 'Fit per reading (3 seeds)'),
             ('nfe_to_tolerance', 'NFE to tolerance (validation)',
              'Forward NFE to tolerance'),
@@ -884,6 +887,8 @@ def plot_synthetic(readings, path):
       ax.set_title(f'Synthetic task: {title}', fontsize='medium')
       ax.legend(fontsize='small')
       ax.grid(alpha=0.3)
+    for value in sorted(b for b in probe_budgets if b is not None):
+      plotting.budget(axes[1], value, 'probe max_iter')
 
 
 def copy_synthetic_surfaces(runs: str, figures: str) -> None:
@@ -902,7 +907,10 @@ def surface_figure(folder: str) -> str:
   return f'repro_synthetic_surface_{folder.replace("synth_", "")}.png'
 
 
-def plot_mdeq(per_run, path):
+def plot_mdeq(per_run, config, path):
+  """Accuracy at fixed forward budgets (the training budget `deq.forward.max_iter`
+  marked), NFE to tolerance (the probe's budget `probe.max_iter` drawn), rho
+  and accuracy against time."""
   with plotting.figure(path, ncols=2, nrows=2, size=(5.0, 3.4)) as (fig, axes):
     for name, r in per_run.items():
       style = dict(color='C0' if r['label'] == 'JR' else 'C1',
@@ -918,6 +926,9 @@ def plot_mdeq(per_run, path):
                       [e['probe_spectral_radius'] for e in ev_rho], marker='o', **style)
       axes[1, 1].plot([e['train_wall_time'] / 60 for e in ev],
                       [e['accuracy'] for e in ev], marker='o', **style)
+    budgets = plotting.solver_budgets(config)
+    plotting.budget(axes[0, 0], budgets['forward_nfe'], 'forward max_iter', axis='x')
+    plotting.budget(axes[0, 1], budgets['probe_nfe_to_tol'], 'probe max_iter')
     labels = (('forward NFE budget', 'test accuracy',
                'Accuracy at a fixed forward budget'),
               ('training step', 'NFE to relative residual 1e-3',
@@ -928,6 +939,9 @@ def plot_mdeq(per_run, path):
 
 
 def plot_wt2(per_run, config, path):
+  """Perplexity over training, forward NFE (the training budget
+  `deq.forward.max_iter` drawn), residual, perplexity at fixed budgets (the
+  training budget marked)."""
   with plotting.figure(path, ncols=2, nrows=2, size=(5.0, 3.4)) as (fig, axes):
     for k, (label, r) in enumerate(per_run.items()):
       style = dict(color=f'C{k}', label=label)
@@ -940,8 +954,9 @@ def plot_wt2(per_run, config, path):
       budgets = r['ppl_at_nfe']['ppl']
       axes[1, 1].plot([int(b) for b in budgets], list(budgets.values()), marker='o',
                       **style)
-    axes[0, 1].axhline(config.deq.forward.max_iter, color='k', ls=':',
-                       label='training budget')
+    forward = plotting.solver_budgets(config)['forward_nfe']
+    plotting.budget(axes[0, 1], forward, 'forward max_iter')
+    plotting.budget(axes[1, 1], forward, 'forward max_iter', axis='x')
     axes[1, 0].set_yscale('log')
     axes[1, 1].set_yscale('log')
     labels = (('training step', 'validation perplexity (first batches)',

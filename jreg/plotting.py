@@ -2,7 +2,8 @@
 
 `figure(path)` is a context manager that yields a `(fig, axes)` pair and writes
 the PNG when the block ends; `curves` draws several metric series on one axis;
-`budget` draws a labelled horizontal line (a solver's `max_iter`, a target).
+`budget` draws a labelled dashed line (a solver's `max_iter`, a target) and
+`budgets` several (`nfe_budgets(config, keys)`: an NFE panel's solver budgets).
 Every figure is decluttered before it is written (`declutter`): tick labels
 that would overlap are thinned, rotated or fewer, so that a printed figure
 can be read; `tick_label_overlaps` lists any that still do.
@@ -86,40 +87,129 @@ def curves(ax, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
   ax.grid(alpha=0.3)
 
 
-def budget(ax, value: Optional[float], label: str, color: str = 'black') -> None:
-  """A dashed horizontal line at `value` with `label` written on it (e.g. a
-  solver's evaluation budget `max_iter`, or a target); nothing for None."""
+def budget(ax, value: Optional[float], label: str, color: str = 'black',
+           axis: str = 'y') -> None:
+  """A dashed line at `value` with `label` written on it (e.g. a solver's
+  evaluation budget `max_iter`, or a target); nothing for None.
+
+  Args:
+    ax: the axes.
+    value: where the line is, in data units of `axis`; None draws nothing.
+    label: written beside the line as `label = value`.
+    color: of the line and its label.
+    axis: 'y' (a horizontal line: NFE on the y axis) or 'x' (a vertical
+      line: NFE on the x axis).
+  """
   if value is None:
     return
-  ax.axhline(value, color=color, ls='--', lw=1, alpha=0.7)
-  # Room above the line for its label when the line is at the top.
-  scale = ax.get_yscale() == 'log' and value > 0
+  if axis not in ('x', 'y'):
+    raise ValueError(f"axis must be 'x' or 'y', got {axis!r}.")
+  horizontal = axis == 'y'
+  (ax.axhline if horizontal else ax.axvline)(value, color=color, ls='--', lw=1,
+                                             alpha=0.7)
+  # Room beyond the line for its label when the line is at the far end.
+  get_lim, set_lim = ((ax.get_ylim, ax.set_ylim) if horizontal
+                      else (ax.get_xlim, ax.set_xlim))
+  scale = (ax.get_yscale() if horizontal else ax.get_xscale()) == 'log' and value > 0
   to, back = (np.log10, lambda v: 10 ** v) if scale else (float, float)
-  low, high = ax.get_ylim()
+  low, high = get_lim()
   span = to(high) - to(low)
   if span > 0 and to(value) > to(high) - 0.12 * span:
-    ax.set_ylim(low, back(to(value) + 0.12 * span))
-  ax.annotate(f'{label} = {value:g}', xy=(1.0, value),
-              xycoords=('axes fraction', 'data'), xytext=(-3, 2),
-              textcoords='offset points', ha='right', va='bottom',
-              fontsize='small', color=color)
+    set_lim(low, back(to(value) + 0.12 * span))
+  if horizontal:
+    ax.annotate(f'{label} = {value:g}', xy=(1.0, value),
+                xycoords=('axes fraction', 'data'), xytext=(-3, 2),
+                textcoords='offset points', ha='right', va='bottom',
+                fontsize='small', color=color)
+  else:
+    ax.annotate(f'{label} = {value:g}', xy=(value, 1.0),
+                xycoords=('data', 'axes fraction'), xytext=(-2, -3),
+                textcoords='offset points', ha='right', va='top', rotation=90,
+                fontsize='small', color=color)
+
+
+def budgets(ax, values: Mapping[str, Optional[float]], color: str = 'black',
+            axis: str = 'y') -> None:
+  """`budget` for each of `{label: value}`, one line per distinct value (the
+  labels of equal values joined: 'forward / backward max_iter = 12'); None
+  values draw nothing."""
+  by_value: dict[float, list[str]] = {}
+  for label, value in values.items():
+    if value is not None:
+      by_value.setdefault(value, []).append(label)
+  for value, labels in sorted(by_value.items()):
+    words = [label.rsplit(' ', 1) for label in labels]
+    if len(labels) > 1 and len({w[-1] for w in words}) == 1 and all(
+        len(w) == 2 for w in words):  # 'forward max_iter', 'backward max_iter'
+      text = ' / '.join(w[0] for w in words) + ' ' + words[0][-1]
+    else:
+      text = ' / '.join(labels)
+    budget(ax, value, text, color, axis)
+
+
+def nfe_budgets(config: Any, keys: Sequence[str]) -> dict[str, Optional[int]]:
+  """`{label: budget}` of `solver_budgets(config)` for the NFE metrics `keys`
+  ('forward_nfe' -> 'forward max_iter', 'probe_nfe_to_tol' -> 'probe
+  max_iter'), ready for `budgets`."""
+  found = solver_budgets(config)
+  return {f'{key.split("_")[0]} max_iter': found.get(key) for key in keys}
 
 
 def solver_budgets(config: Any) -> dict[str, Optional[int]]:
   """The NFE budgets of a DEQ run's config (a ConfigDict or its dict):
   `{'forward_nfe': deq.forward.max_iter, 'backward_nfe': deq.backward.max_iter,
   'probe_nfe_to_tol': probe.max_iter}`, None where the config has none."""
-  def get(*keys):
+  get = lambda *keys: _config_number(config, keys)  # noqa: E731
+  return {'forward_nfe': get('deq', 'forward', 'max_iter'),
+          'backward_nfe': get('deq', 'backward', 'max_iter'),
+          'probe_nfe_to_tol': get('probe', 'max_iter')}
+
+
+def _config_number(config: Any, keys: Sequence[str]) -> Optional[float]:
+  """`config[k0][k1]...` (or a flattened config's `config['k0.k1...']`) when
+  it is a number, else None."""
+  try:
+    node = config['.'.join(keys)]
+  except (KeyError, TypeError, AttributeError):
     node = config
     for key in keys:
       try:
         node = node[key]
       except (KeyError, TypeError, AttributeError):
         return None
-    return node if isinstance(node, (int, float)) else None
-  return {'forward_nfe': get('deq', 'forward', 'max_iter'),
-          'backward_nfe': get('deq', 'backward', 'max_iter'),
-          'probe_nfe_to_tol': get('probe', 'max_iter')}
+  if isinstance(node, bool) or not isinstance(node, (int, float)):
+    return None
+  return node
+
+
+def metric_budget(metric: str, config: Any) -> Optional[tuple[str, float]]:
+  """`(label, budget)` for an NFE result named `metric` (a result or metric
+  key such as 'train_forward_nfe', 'test.forward_nfe', 'valid_forward_nfe',
+  'last_train.backward_nfe', 'nfe_to_tol', 'test.probe_nfe_to_tol') from a
+  run's config (nested or flattened to dotted keys); None when `metric` is
+  no NFE or the config has no budget for it.
+
+  NFE to tolerance is bounded by `probe.max_iter`; backward NFE by
+  `deq.backward.max_iter`; forward NFE by `deq.forward.max_iter`, or, for an
+  evaluation result ('test', 'valid', 'eval' in its name) of a config with
+  `deq.eval_max_iter` (the MDEQ's test budget), by that.
+  """
+  name = metric.lower()
+  if 'nfe' not in name:
+    return None
+  if 'nfe_to_tol' in name:
+    label, keys = 'probe max_iter', ('probe', 'max_iter')
+  elif 'backward' in name:
+    label, keys = 'backward max_iter', ('deq', 'backward', 'max_iter')
+  elif 'forward' in name:
+    label, keys = 'forward max_iter', ('deq', 'forward', 'max_iter')
+    evaluation = any(word in name for word in ('test', 'valid', 'eval'))
+    if evaluation and _config_number(config, ('deq', 'eval_max_iter')) is not None:
+      label, keys = 'eval_max_iter', ('deq', 'eval_max_iter')
+  else:
+    return None
+  value = _config_number(config, keys)
+  return None if value is None else (label, value)
 
 
 def _axes_axis(ax):

@@ -12,7 +12,9 @@ writes into SWEEP_DIR:
 - figures, for each numeric result that varies over the finished points (or
   those of `--metrics`): `heatmap_<metric>.png` over the first two swept keys
   (a colour bar gives the metric; further swept keys are averaged over), or
-  `<metric>_vs_<key>.png` when one key is swept. The swept keys are the
+  `<metric>_vs_<key>.png` when one key is swept (with, for an NFE result,
+  the solver budget that bounds it when the points share it:
+  `jreg.plotting.metric_budget`; a heatmap has none). The swept keys are the
   grid's keys when `sweep.json` gives the grid, else the config keys whose
   values differ between points; a result that is the same at every point or
   is not a number is listed, not drawn.
@@ -244,6 +246,9 @@ def draw(table: dict[str, Any], sweep_dir: str,
         plotting.curves(ax, {metric: (positions, means)}, xlabel=key,
                         ylabel=metric, title=f'{metric} over {key}',
                         marker='o')
+        budget = _budget(rows, metric)
+        if budget:
+          plotting.budget(ax, budget[1], budget[0])
         if not numeric:
           ax.set_xticks(positions, [str(x) for x in xs])
       paths.append(path)
@@ -273,6 +278,15 @@ def draw(table: dict[str, Any], sweep_dir: str,
                   fontsize='small')
     paths.append(path)
   return paths
+
+
+def _budget(rows: Sequence[dict], metric: str) -> Optional[tuple[str, float]]:
+  """`(label, value)` of the solver budget bounding an NFE `metric`
+  (`jreg.plotting.metric_budget`) when every finished point has the same
+  one; None otherwise (a sweep over the budget itself draws none)."""
+  from jreg import plotting  # pylint: disable=g-import-not-at-top
+  found = {plotting.metric_budget(metric, row['config']) for row in rows}
+  return found.pop() if len(found) == 1 else None
 
 
 def _mean(rows: Sequence[dict], metric: str, where: dict[str, Any]) -> float:

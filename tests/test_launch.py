@@ -434,6 +434,33 @@ def test_gather_one_swept_key_and_unfinished_points(tmp_path):
     gather.draw(table, str(tmp_path), ['accuracy', 'bleu'])
 
 
+def test_gather_draws_the_solver_budget_on_nfe_figures(tmp_path, monkeypatch):
+  from jreg import plotting  # pylint: disable=g-import-not-at-top
+  figures = {}
+  original = plotting.save
+
+  def save(fig, path, dpi=120):
+    original(fig, path, dpi)
+    figures[os.path.basename(path)] = fig
+
+  monkeypatch.setattr(plotting, 'save', save)
+  for weight in (0.0, 1.0):
+    _point(tmp_path, f'w={weight}', {
+        'jacobian': {'weight': weight}, 'probe': {'max_iter': 100},
+        'deq': {'forward': {'max_iter': 6}, 'backward': {'max_iter': 8}}},
+        {'train_forward_nfe': 5 - weight, 'train_backward_nfe': 7 - weight,
+         'nfe_to_tol': 12 - weight, 'validation_mse': 0.1 + weight})
+  table = gather.gather(str(tmp_path))
+  gather.draw(table, str(tmp_path))
+  drawn = {name: [t.get_text() for t in fig.axes[0].texts]
+           for name, fig in figures.items()}
+  weight = 'jacobian.weight'
+  assert drawn == {f'train_forward_nfe_vs_{weight}.png': ['forward max_iter = 6'],
+                   f'train_backward_nfe_vs_{weight}.png': ['backward max_iter = 8'],
+                   f'nfe_to_tol_vs_{weight}.png': ['probe max_iter = 100'],
+                   f'validation_mse_vs_{weight}.png': []}
+
+
 def test_gather_refuses_damaged_files(tmp_path):
   with pytest.raises(gather.GatherError, match='holds no point folders'):
     gather.gather(str(tmp_path))

@@ -1,10 +1,15 @@
 """Figures readable as printed: no overlapping tick labels, the γ panels on
-one z range, the solvers' budgets drawn."""
+one z range, the solvers' budgets drawn on every NFE panel."""
+import json
+
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+from experiments import compare_adaptive_gamma
 from experiments import igr_two_parameter
+from experiments import reproduction as repro
 from jreg import cli
 from jreg import plotting
 from jreg.tasks import deq_synthetic
@@ -122,3 +127,111 @@ def test_budget_of_none_draws_nothing():
   fig, ax = plotting.new_figure()
   plotting.budget(ax, None, 'forward max_iter')
   assert not ax.get_lines() and not ax.texts
+
+
+def _drawn_budgets(ax, axis='y'):
+  """`[(value, label text)]` of the dashed budget lines on `ax` (horizontal
+  for axis 'y', vertical for 'x'), each with the label `budget` writes."""
+  lines = [line for line in ax.get_lines() if line.get_linestyle() == '--']
+  data = (lambda l: l.get_ydata()) if axis == 'y' else (lambda l: l.get_xdata())
+  values = sorted(float(data(line)[0]) for line in lines
+                  if len(set(np.asarray(data(line), float))) == 1)
+  texts = [t.get_text() for t in ax.texts]
+  return [(v, next(t for t in texts if t.endswith(f' = {v:g}'))) for v in values]
+
+
+def test_budget_lines_vertical_and_joined():
+  fig, ax = plotting.new_figure()
+  ax.plot([1, 2, 3], [0.5, 0.2, 0.1])
+  plotting.budget(ax, 3, 'max_iter', axis='x')
+  assert _drawn_budgets(ax, 'x') == [(3.0, 'max_iter = 3')]
+  assert ax.get_xlim()[1] > 3                      # room for the label
+  with pytest.raises(ValueError):
+    plotting.budget(ax, 3, 'max_iter', axis='z')
+  fig, ax = plotting.new_figure()
+  ax.plot([1, 2], [4, 5])
+  plotting.budgets(ax, {'forward max_iter': 12, 'backward max_iter': 12,
+                        'probe max_iter': None})
+  assert _drawn_budgets(ax) == [(12.0, 'forward / backward max_iter = 12')]
+  plotting.budgets(ax, plotting.nfe_budgets(
+      {'deq': {'forward': {'max_iter': 8}, 'backward': {'max_iter': 6}}},
+      ('forward_nfe', 'backward_nfe', 'probe_nfe_to_tol')))
+  assert _drawn_budgets(ax) == [(6.0, 'backward max_iter = 6'),
+                                (8.0, 'forward max_iter = 8'),
+                                (12.0, 'forward / backward max_iter = 12')]
+
+
+def _deq_config(forward, backward, probe):
+  return ml_collections.ConfigDict(dict(
+      deq=dict(forward=dict(max_iter=forward), backward=dict(max_iter=backward),
+               pretrain_steps=0),
+      probe=dict(max_iter=probe)))
+
+
+def test_reproduction_nfe_figures_draw_the_runs_budgets(tmp_path, saved):
+  """The report's NFE panels (MDEQ, DEQ-Transformer, synthetic) carry the
+  budgets of the runs' configs."""
+  config = _deq_config(forward=10, backward=9, probe=40)
+  evals = [{'step': s, 'split': 'eval', 'probe_nfe_to_tol': 12.0 - s / 50,
+            'probe_spectral_radius': 0.9, 'train_wall_time': 6.0 * s,
+            'accuracy': 0.3, 'ppl': 300.0} for s in (50, 100)]
+  mdeq_runs = {f'{label}, seed 0': dict(
+      label=label, seed=0, evals=evals,
+      accuracy_at_nfe={'accuracy': {'1': 0.2, '4': 0.3, '8': 0.35}})
+      for label in ('JR', 'no JR')}
+  repro.plot_mdeq(mdeq_runs, config, str(tmp_path / 'repro_mdeq.png'))
+  axes = saved['repro_mdeq.png'].axes
+  assert _drawn_budgets(axes[0], 'x') == [(10.0, 'forward max_iter = 10')]
+  assert _drawn_budgets(axes[1]) == [(40.0, 'probe max_iter = 40')]
+  train = [{'step': s, 'forward_nfe': 7.0, 'forward_rel_residual': 1e-2}
+           for s in (10, 20)]
+  wt2_runs = {label: dict(evals=evals, train=train,
+                          ppl_at_nfe={'ppl': {'2': 900.0, '10': 300.0}})
+              for label in ('JR', 'no JR')}
+  repro.plot_wt2(wt2_runs, config, str(tmp_path / 'repro_wt2.png'))
+  axes = saved['repro_wt2.png'].axes
+  assert _drawn_budgets(axes[1]) == [(10.0, 'forward max_iter = 10')]
+  assert _drawn_budgets(axes[3], 'x') == [(10.0, 'forward max_iter = 10')]
+  cell = dict(validation_mse=[0.06, 0.07], nfe_to_tolerance=[9.0, 11.0],
+              spectral_radius=[0.5, 0.6])
+  readings = {'synth_literal': dict(by_gamma={'0': cell, '1': cell})}
+  repro.plot_synthetic(readings, str(tmp_path / 'repro_synthetic.png'), {100})
+  nfe_panel = saved['repro_synthetic.png'].axes[1]
+  assert _drawn_budgets(nfe_panel) == [(100.0, 'probe max_iter = 100')]
+  for name, fig in saved.items():
+    assert plotting.tick_label_overlaps(fig) == [], name
+
+
+def test_adaptive_gamma_figure_draws_the_forward_budget(tmp_path, saved):
+  runs = {}
+  for label, weight in (('fixed', 1.0), ('adaptive', 2.0)):
+    run_dir = tmp_path / label
+    run_dir.mkdir()
+    (run_dir / 'config.json').write_text(json.dumps(dict(
+        jacobian={'weight': weight}, deq={'forward': {'max_iter': 6}})))
+    (run_dir / 'metrics.jsonl').write_text(''.join(json.dumps(dict(
+        step=s, split='train', forward_nfe=4.0 + s % 3, mse=1.0 / s)) + '\n'
+        for s in range(1, 6)))
+    runs[label] = str(run_dir)
+  compare_adaptive_gamma.plot(runs, str(tmp_path / 'adaptive.png'), '', 'mse')
+  nfe_panel = saved['adaptive.png'].axes[1]
+  assert _drawn_budgets(nfe_panel) == [(6.0, 'forward max_iter = 6')]
+
+
+def test_metric_budget_names_the_budget_of_each_nfe_result():
+  config = {'deq': {'forward': {'max_iter': 7}, 'backward': {'max_iter': 8},
+                    'eval_max_iter': 10},
+            'probe': {'max_iter': 30}}
+  flat = {'deq.forward.max_iter': 7, 'deq.backward.max_iter': 8,
+          'probe.max_iter': 30}
+  for c in (config, ml_collections.ConfigDict(config)):
+    assert plotting.metric_budget('last_train.forward_nfe', c) == (
+        'forward max_iter', 7)
+    assert plotting.metric_budget('test.forward_nfe', c) == ('eval_max_iter', 10)
+    assert plotting.metric_budget('train_backward_nfe', c) == ('backward max_iter', 8)
+    assert plotting.metric_budget('test.probe_nfe_to_tol', c) == ('probe max_iter', 30)
+    assert plotting.metric_budget('accuracy', c) is None
+  # A flattened config (launch.gather's), without an evaluation budget.
+  assert plotting.metric_budget('valid_forward_nfe', flat) == ('forward max_iter', 7)
+  assert plotting.metric_budget('nfe_to_tol', flat) == ('probe max_iter', 30)
+  assert plotting.metric_budget('nfe_to_tol', {}) is None
