@@ -1,19 +1,21 @@
 """Every ```python block of README.md runs as written in a fresh process."""
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
 import pytest
+from readme_blocks import LIBRARY_SECTION
+from readme_blocks import python_blocks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-BLOCKS = re.findall(r'^```python\n(.*?)^```', (REPO / 'README.md').read_text(),
-                    flags=re.S | re.M)
+BLOCKS = python_blocks()
 
 
 def test_readme_has_python_blocks():
   assert len(BLOCKS) >= 3
+  # tests/test_package.py runs these with the installed wheel.
+  assert len(python_blocks(LIBRARY_SECTION)) >= 3
 
 
 @pytest.mark.parametrize('index', range(len(BLOCKS)))
