@@ -276,7 +276,8 @@ def declutter(fig: Figure, rounds: int = 4) -> bool:
   """Changes the ticks of `fig` until no two tick labels overlap; returns
   whether it changed any.
 
-  A log axis whose minor ticks are labelled (it spans few decades) gets
+  A log axis that spans few decades (its minor ticks are labelled, or it has
+  fewer than 3 labels: matplotlib's choice differs between versions) gets
   ticks at 1, 2 and 5 per decade, written plainly (0.002, not 2×10⁻³). Then,
   per axis whose labels overlap, in turn: minor tick labels are removed; the
   labels are rotated (x axes of 2-D plots); the ticks are fewer.
@@ -284,10 +285,10 @@ def declutter(fig: Figure, rounds: int = 4) -> bool:
   changed = False
   log_axes = [axis for ax in fig.axes for _, axis in _axes_axis(ax)
               if axis.get_scale() == 'log']
-  if log_axes:   # labelled minor ticks (few decades): 1, 2, 5, plainly
+  if log_axes:   # few decades (labelled minor ticks, or under 3 labels): 1, 2, 5
     fig.canvas.draw()
     for axis in log_axes:
-      if _drawn_labels(axis, 'minor'):
+      if _drawn_labels(axis, 'minor') or len(_drawn_labels(axis)) < 3:
         _plain_log(axis)
         changed = True
   for attempt in range(rounds):
