@@ -1,5 +1,4 @@
 """Unconverged DEQ solves warn or raise; mismatched states are refused in one sentence."""
-import pathlib
 import re
 import warnings
 
@@ -11,6 +10,7 @@ import pytest
 
 from jreg import deq
 from jreg import errors
+import readme_blocks
 
 BUDGET = 5
 # Per example f(z) = a * w * z + c with w = 1, solved by fixed-point iteration
@@ -200,9 +200,7 @@ def test_dtype_mismatch_names_both_dtypes():
 
 
 def test_readme_deq_example_converges():
-  text = (pathlib.Path(__file__).resolve().parents[1] / 'README.md').read_text()
-  blocks = [b for b in re.findall(r'^```python\n(.*?)^```', text,
-                                  flags=re.S | re.M) if 'jreg.deq.DEQ(' in b]
+  blocks = [b for b in readme_blocks.python_blocks() if 'jreg.deq.DEQ(' in b]
   assert len(blocks) == 1
   with warnings.catch_warnings():
     warnings.simplefilter('error', deq.ConvergenceWarning)  # raised in the run
